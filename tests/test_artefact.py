@@ -1,0 +1,129 @@
+"""Artefacts: round trips (pruned shapes too), bad files, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vcc.core.artefact import (
+    ModelMeta,
+    input_spec,
+    load_model,
+    load_tensors,
+    read_doc,
+    save_model,
+    save_tensors,
+)
+from vcc.core.errors import ArtefactError
+from vcc.core.models import build_model
+from vcc.core.workspace import Workspace, atomic_dir, atomic_write_text
+
+
+def _meta(arch: str = "r3d_tiny", n: int = 5) -> ModelMeta:
+    return ModelMeta(arch=arch, num_classes=n, classes=[f"c{i}" for i in range(n)], input=input_spec(8, 32))
+
+
+def test_round_trip_identical_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("r3d_tiny", 5).eval()
+    path = save_model(tmp_path / "m.safetensors", model, _meta())
+    loaded, meta = load_model(path)
+    x = torch.randn(2, 3, 8, 32, 32)
+    assert torch.equal(model(x), loaded(x))
+    assert meta.classes == [f"c{i}" for i in range(5)]
+    assert meta.provenance["vcc_version"]
+
+
+def _shrink_conv_pair(model: nn.Module, keep: int) -> None:
+    """Hand-prune layer1.0.conv1's output channels (and what consumes them)."""
+    blk = model.layer1[0]
+    idx = torch.arange(keep)
+    conv1, bn1, conv2 = blk.conv1, blk.bn1, blk.conv2
+    conv1.weight = nn.Parameter(conv1.weight.data[idx].clone())
+    conv1.out_channels = keep
+    for name in ("weight", "bias"):
+        setattr(bn1, name, nn.Parameter(getattr(bn1, name).data[idx].clone()))
+    bn1.running_mean = bn1.running_mean[idx].clone()
+    bn1.running_var = bn1.running_var[idx].clone()
+    bn1.num_features = keep
+    conv2.weight = nn.Parameter(conv2.weight.data[:, idx].clone())
+    conv2.in_channels = keep
+
+
+def test_pruned_model_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("r3d_tiny", 5).eval()
+    _shrink_conv_pair(model, 7)
+    path = save_model(tmp_path / "p.safetensors", model, _meta())
+    loaded, _ = load_model(path)
+    assert loaded.layer1[0].conv1.out_channels == 7
+    x = torch.randn(1, 3, 8, 32, 32)
+    assert torch.allclose(model(x), loaded(x))
+
+
+def test_not_an_artefact_and_truncated(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello world, not a safetensors file")
+    with pytest.raises(ArtefactError):
+        load_model(junk)
+    plain = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, str(plain))
+    with pytest.raises(ArtefactError, match="not a vcc artefact"):
+        load_model(plain)
+    good = save_model(tmp_path / "g.safetensors", build_model("r3d_tiny", 5), _meta())
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtefactError):
+        load_model(cut)
+
+
+def test_weights_that_do_not_fit_arch(tmp_path: Path) -> None:
+    model = build_model("r3d_tiny", 5)
+    path = tmp_path / "m.safetensors"
+    state = model.state_dict()
+    state.pop("fc.bias")
+    doc = _meta().to_json()
+    save_tensors(path, state, doc)
+    with pytest.raises(ArtefactError, match="do not fit"):
+        load_model(path)
+
+
+def test_tensor_artefact_kind_checked(tmp_path: Path) -> None:
+    p = save_tensors(tmp_path / "r.safetensors", {"x": torch.ones(3)}, {"format": "vcc-ranking"})
+    tensors, doc = load_tensors(p, "vcc-ranking")
+    assert doc["format"] == "vcc-ranking" and tensors["x"].sum() == 3
+    with pytest.raises(ArtefactError, match="expected"):
+        load_tensors(p, "vcc-model")
+    assert read_doc(p)["format_version"] == 1
+
+
+def test_atomic_writes_leave_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "d"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+    atomic_write_text(tmp_path / "f.json", json.dumps({"a": 1}))
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_resolve_model_by_run_name(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    run = ws.run_dir("r1", create=True)
+    save_model(run / "model.safetensors", build_model("r3d_tiny", 5), _meta())
+    assert ws.resolve_model("r1") == run / "model.safetensors"
+    from vcc.core.errors import VccError
+
+    with pytest.raises(VccError, match="neither"):
+        ws.resolve_model("nope")
+    with pytest.raises(VccError, match="not found"):
+        ws.resolve_model(str(tmp_path / "missing.safetensors"))

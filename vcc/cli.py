@@ -1,0 +1,108 @@
+"""The root `vcc` Typer app: global options, error handling, and command registration."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+# Exceptions the CLI framework handles itself (usage errors, --help, typer.Exit): typer vendors
+# click in recent versions, so take the classes from typer rather than importing click.
+_PASS_THROUGH = tuple({typer.Exit, typer.Abort, *typer.BadParameter.__mro__[1:3]})
+
+from vcc.commands._common import state
+
+COMMANDS = ["prepare", "train", "rank", "prune", "finetune", "port", "eval", "macs", "wise", "demo"]
+
+
+class VccGroup(TyperGroup):
+    """Turns expected errors into one line on stderr and an exit code; tracebacks only with --debug."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [c for c in COMMANDS if c in self.commands]
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _PASS_THROUGH:
+            raise
+        except KeyboardInterrupt:
+            _error("interrupted", 130)
+        except Exception as exc:  # noqa: BLE001 - the one place every failure is reported
+            from vcc.core.errors import VccError
+
+            if state.debug:
+                raise
+            if isinstance(exc, VccError):
+                _error(str(exc), exc.exit_code)
+            if _is_cuda_oom(exc):
+                _error("CUDA out of memory: try a smaller --batch-size (or --frames/--size)", 1)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _error(f"{type(exc).__name__}: {first} (run with --debug for the traceback)", 1)
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
+def _error(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+app = typer.Typer(
+    cls=VccGroup,
+    name="vcc",
+    help=(
+        "Make video action-recognition networks smaller and faster without losing accuracy.\n\n"
+        "Typical flow: vcc prepare synthetic -> vcc train -> vcc rank -> vcc prune -> vcc finetune "
+        "-> vcc port -> vcc eval / vcc macs. Results print as tables; --format json pipes into reports."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from vcc import __version__
+
+        typer.echo(f"vcc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    workspace: Annotated[
+        str | None,
+        typer.Option("--workspace", "-w", envvar="VCC_HOME", help="Workspace folder for datasets and runs [default: the platform's user data dir]."),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Global options."""
+    state.workspace_path = workspace
+    state.debug = debug
+    state.quiet = quiet
+
+
+for _name in COMMANDS:
+    importlib.import_module(f"vcc.commands.{_name}").register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    if "--debug" in (argv if argv is not None else sys.argv[1:]):
+        state.debug = True
+    app(args=argv, prog_name="vcc")
+
+
+if __name__ == "__main__":
+    main()

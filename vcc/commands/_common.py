@@ -1,0 +1,158 @@
+"""Shared CLI plumbing: global state, output formats, rendering, progress. Light imports only."""
+
+from __future__ import annotations
+
+import enum
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from vcc.core.report import Report
+    from vcc.core.workspace import Workspace
+
+
+class Format(str, enum.Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    markdown = "markdown"
+
+
+FormatOpt = Annotated[
+    Format,
+    typer.Option("--format", "-f", help="Output: table (for people), json (one document on stdout), csv or markdown (for reports)."),
+]
+NameOpt = Annotated[str | None, typer.Option("--name", help="Name of the artefact or run to create in the workspace.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+
+
+class State:
+    """Global options set by the root callback."""
+
+    workspace_path: str | None = None
+    debug: bool = False
+    quiet: bool = False
+
+
+state = State()
+
+
+def workspace() -> Workspace:
+    """The workspace selected by --workspace / $VCC_HOME / the platform default."""
+    from pathlib import Path
+
+    from vcc.core.workspace import Workspace
+
+    if state.workspace_path:
+        return Workspace(Path(state.workspace_path).expanduser())
+    return Workspace.default()
+
+
+def stderr_console():
+    """A rich console on stderr for progress and logs (stdout stays clean for results)."""
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=state.quiet)
+
+
+def log(message: str) -> None:
+    """One log line on stderr."""
+    stderr_console().print(message, highlight=False)
+
+
+def render(report: Report, fmt: Format) -> None:
+    """Print a Report on stdout in the chosen format."""
+    from vcc.core import report as rp
+
+    if fmt == Format.json:
+        sys.stdout.write(rp.to_json(report.doc) + "\n")
+        return
+    if fmt == Format.csv:
+        sys.stdout.write("\n".join(rp.to_csv(t) for t in report.tables))
+        return
+    if fmt == Format.markdown:
+        sys.stdout.write("\n".join(rp.to_markdown(t) for t in report.tables))
+        for note in report.notes:
+            sys.stdout.write(f"\n{note}\n")
+        return
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    console = Console(soft_wrap=False)
+    for t in report.tables:
+        rt = RichTable(title=t.title or None, caption=t.caption or None, title_justify="left")
+        for i, col in enumerate(t.columns):
+            numeric = any(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in t.rows)
+            rt.add_column(col, justify="right" if numeric else "left")
+        for row in t.rows:
+            rt.add_row(*(rp.fmt_value(v) for v in row))
+        console.print(rt)
+    for note in report.notes:
+        console.print(note, highlight=False)
+
+
+def progress(transient: bool = False):
+    """A rich Progress on stderr (bars on a terminal; plain, quiet otherwise)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = stderr_console()
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=not console.is_terminal,
+    )
+
+
+class ProgressHook:
+    """Adapts core's progress callbacks to a rich Progress (or to log lines when not a terminal).
+
+    Core functions accept ``progress: Callable[[str, int, int | None, dict], None] | None``:
+    called as ``progress(task, done, total, info)``; this object is such a callable.
+    """
+
+    def __init__(self, prog: Any) -> None:
+        self.prog = prog
+        self.tasks: dict[str, Any] = {}
+        self._last_logged: dict[str, int] = {}
+
+    def __call__(self, task: str, done: int, total: int | None = None, info: dict[str, Any] | None = None) -> None:
+        text = "  ".join(f"{k} {_short(v)}" for k, v in (info or {}).items())
+        if self.prog.disable:
+            if total and (done == total):
+                log(f"{task}: {done}/{total} {text}".rstrip())
+            return
+        if task not in self.tasks:
+            self.tasks[task] = self.prog.add_task(task, total=total, info="")
+        self.prog.update(self.tasks[task], completed=done, total=total, info=text)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
+    """Parse repeated NAME=VALUE options."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            from vcc.core.errors import UsageError
+
+            raise UsageError(f"{what} expects NAME=VALUE, got {item!r}")
+        out[key] = value
+    return out

@@ -1,0 +1,14 @@
+"""`vcc finetune` (not built yet)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("finetune", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def finetune(ctx: typer.Context) -> None:
+        """Not implemented yet."""
+        from vcc.core.errors import NotImplementedYet
+
+        raise NotImplementedYet("`vcc finetune` is not implemented yet")

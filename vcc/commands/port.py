@@ -1,0 +1,14 @@
+"""`vcc port` (not built yet)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("port", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def port(ctx: typer.Context) -> None:
+        """Not implemented yet."""
+        from vcc.core.errors import NotImplementedYet
+
+        raise NotImplementedYet("`vcc port` is not implemented yet")

@@ -1,0 +1,14 @@
+"""`vcc prune` (not built yet)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prune", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def prune(ctx: typer.Context) -> None:
+        """Not implemented yet."""
+        from vcc.core.errors import NotImplementedYet
+
+        raise NotImplementedYet("`vcc prune` is not implemented yet")

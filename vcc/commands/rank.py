@@ -1,0 +1,14 @@
+"""`vcc rank` (not built yet)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("rank", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def rank(ctx: typer.Context) -> None:
+        """Not implemented yet."""
+        from vcc.core.errors import NotImplementedYet
+
+        raise NotImplementedYet("`vcc rank` is not implemented yet")

@@ -1,0 +1,14 @@
+"""`vcc train` (not built yet)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def train(ctx: typer.Context) -> None:
+        """Not implemented yet."""
+        from vcc.core.errors import NotImplementedYet
+
+        raise NotImplementedYet("`vcc train` is not implemented yet")

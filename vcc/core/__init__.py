@@ -1,0 +1,1 @@
+"""The vcc engine. No typer or rich imports below this package."""

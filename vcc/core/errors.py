@@ -1,0 +1,28 @@
+"""Errors the CLI turns into one-line messages and exit codes."""
+
+from __future__ import annotations
+
+
+class VccError(Exception):
+    """An expected failure: bad input, missing file, unreachable target. Printed as one line."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(VccError):
+    """Bad arguments (unknown arch, option out of range): exit code 2."""
+
+    exit_code = 2
+
+
+class NotImplementedYet(UsageError):
+    """A command that exists in the CLI but is not built yet."""
+
+
+class ArtefactError(VccError):
+    """A file that is not a vcc artefact, is truncated, or does not fit its arch."""

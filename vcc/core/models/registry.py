@@ -1,0 +1,114 @@
+"""Model registry (timm-style): one builder per arch name, plus model wrappers.
+
+Every model maps float input (N, C, T, H, W) to logits (N, num_classes).
+Builders take ``num_classes`` and keyword options; options are stored in artefacts so the
+same call rebuilds the model. Nothing is downloaded: weights come only from user files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from vcc.core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered arch: its builder and the input it was designed for."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    family: str
+    frames: int = 16
+    size: int = 112
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+_MODELS: dict[str, ModelSpec] = {}
+_WRAPPERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str, *, family: str, frames: int = 16, size: int = 112, description: str = "", **defaults: Any):
+    """Decorator: register `builder(num_classes, **options) -> nn.Module` under `name`."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        _MODELS[name] = ModelSpec(name, fn, family, frames, size, dict(defaults), description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every family.
+    import vcc.core.models  # noqa: F401
+
+
+def list_models() -> list[str]:
+    """Names of all registered archs, sorted."""
+    _ensure_loaded()
+    return sorted(_MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of arch `name`, or a UsageError listing the known archs."""
+    _ensure_loaded()
+    if name not in _MODELS:
+        raise UsageError(f"unknown arch {name!r}; known archs: {', '.join(sorted(_MODELS))}")
+    return _MODELS[name]
+
+
+def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
+    """Build arch `name` with `num_classes` outputs and builder options (randomly initialised)."""
+    spec = get_spec(name)
+    kwargs = {**spec.defaults, **options}
+    try:
+        return spec.builder(num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise UsageError(f"bad options for arch {name!r}: {exc}") from exc
+
+
+def register_wrapper(name: str):
+    """Decorator: register `fn(model, **options) -> nn.Module`, applied after building.
+
+    Wrappers add structure an arch does not have by itself (early-exit heads, VIB gates,
+    element-wise masks). They are recorded in artefact metadata as
+    ``{"name": name, "options": {...}}`` and re-applied, in order, when loading.
+    """
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _WRAPPERS[name] = fn
+        return fn
+
+    return deco
+
+
+def apply_wrappers(model: nn.Module, wrappers: list[dict[str, Any]]) -> nn.Module:
+    """Apply recorded wrappers in order."""
+    _ensure_loaded()
+    for w in wrappers:
+        name = w.get("name")
+        if name not in _WRAPPERS:
+            _load_wrapper_modules()
+        if name not in _WRAPPERS:
+            raise UsageError(f"unknown model wrapper {name!r}; known: {', '.join(sorted(_WRAPPERS))}")
+        model = _WRAPPERS[name](model, **(w.get("options") or {}))
+    return model
+
+
+def _load_wrapper_modules() -> None:
+    """Import modules that register wrappers (they live outside vcc.core.models)."""
+    import importlib
+
+    for mod in ("vcc.core.exits", "vcc.core.compress.vib", "vcc.core.compress.magnitude"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise

@@ -1,0 +1,178 @@
+"""3D ResNets of Hara et al. (CVPR 2018), depths 10/18/34/50/101, shortcut A or B; and r3d_tiny."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vcc.core.models.registry import register_model
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv3d:
+    return nn.Conv3d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class ShortcutA(nn.Module):
+    """Parameter-free shortcut: spatio-temporal subsampling, then `pad_channels` zero channels."""
+
+    def __init__(self, stride: int, pad_channels: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.pad_channels = pad_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride, :: self.stride]
+        if self.pad_channels > 0:
+            n, _, t, h, w = x.shape
+            x = torch.cat([x, x.new_zeros(n, self.pad_channels, t, h, w)], dim=1)
+        return x
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(cin, planes, stride)
+        self.bn1 = nn.BatchNorm3d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm3d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm3d(planes)
+        self.conv3 = nn.Conv3d(planes, planes * 4, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm3d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet3D(nn.Module):
+    """Hara et al.'s 3D ResNet for (N, 3, T, H, W) clips."""
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        num_classes: int,
+        shortcut: str = "B",
+        base_width: int = 64,
+        conv1_t_size: int = 7,
+        conv1_t_stride: int = 1,
+        no_max_pool: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' or 'B', not {shortcut!r}")
+        widths = [base_width, base_width * 2, base_width * 4, base_width * 8]
+        self.in_planes = widths[0]
+        self.conv1 = nn.Conv3d(
+            3,
+            widths[0],
+            kernel_size=(conv1_t_size, 7, 7),
+            stride=(conv1_t_stride, 2, 2),
+            padding=(conv1_t_size // 2, 3, 3),
+            bias=False,
+        )
+        self.bn1 = nn.BatchNorm3d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if no_max_pool else nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, widths[0], layers[0], shortcut, 1)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], shortcut, 2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], shortcut, 2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], shortcut, 2)
+        self.avgpool = nn.AdaptiveAvgPool3d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes: int, blocks: int, shortcut: str, stride: int) -> nn.Sequential:
+        downsample: nn.Module | None = None
+        out = planes * block.expansion
+        if stride != 1 or self.in_planes != out:
+            if shortcut == "A":
+                downsample = ShortcutA(stride, out - self.in_planes)
+            else:
+                downsample = nn.Sequential(
+                    nn.Conv3d(self.in_planes, out, kernel_size=1, stride=stride, bias=False),
+                    nn.BatchNorm3d(out),
+                )
+        layers = [block(self.in_planes, planes, stride, downsample)]
+        self.in_planes = out
+        layers += [block(out, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def stages(self) -> list[str]:
+        """Names of the stages after which early exits can attach."""
+        return ["layer1", "layer2", "layer3", "layer4"]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.forward_features(x)))
+
+
+_DEPTHS = {
+    10: (BasicBlock, [1, 1, 1, 1]),
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]),
+}
+
+
+def resnet3d(depth: int, num_classes: int, **options) -> ResNet3D:
+    """A Hara 3D ResNet of the given depth."""
+    if depth not in _DEPTHS:
+        raise ValueError(f"depth must be one of {sorted(_DEPTHS)}")
+    block, layers = _DEPTHS[depth]
+    return ResNet3D(block, layers, num_classes, **options)
+
+
+def _register(depth: int) -> None:
+    @register_model(f"resnet3d_{depth}", family="resnet3d", frames=16, size=112, description=f"3D ResNet-{depth} (Hara et al. 2018); options: shortcut A|B, base_width")
+    def _build(num_classes: int, shortcut: str = "B" if depth >= 50 else "A", **options) -> ResNet3D:
+        return resnet3d(depth, num_classes, shortcut=shortcut, **options)
+
+
+for _d in _DEPTHS:
+    _register(_d)
+
+
+@register_model("r3d_tiny", family="resnet3d", frames=8, size=32, description="3D ResNet-10, base width 16, shortcut B: the small model for CPU demos and tests")
+def r3d_tiny(num_classes: int, base_width: int = 16, shortcut: str = "B", **options) -> ResNet3D:
+    return ResNet3D(BasicBlock, [1, 1, 1, 1], num_classes, shortcut=shortcut, base_width=base_width, conv1_t_size=3, **options)
+
+

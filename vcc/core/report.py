@@ -1,0 +1,107 @@
+"""Result tables, independent of any terminal library.
+
+A command's core call returns a :class:`Report`: a JSON document (the `--format json` output,
+with a shape fixed per command) plus one or more tables for humans (table, csv, markdown).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Table:
+    """A titled table: column headers and rows of plain values."""
+
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    title: str = ""
+    caption: str = ""
+
+    def add(self, *values: Any) -> None:
+        self.rows.append(list(values))
+
+
+@dataclass
+class Report:
+    """What a command prints: `doc` for json, `tables` for table/csv/markdown."""
+
+    doc: Any
+    tables: list[Table] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt_value(v: Any) -> str:
+    """Human formatting of one cell: ints with thousands separators, floats to 4 significant digits."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def human_count(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23 M'; used for MACs and parameter counts."""
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def to_json(doc: Any) -> str:
+    """One JSON document."""
+    return json.dumps(doc, indent=2, default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def to_csv(table: Table) -> str:
+    """The table as CSV (raw values, no thousands separators)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(table.columns)
+    for row in table.rows:
+        w.writerow(["" if v is None else v for v in row])
+    return buf.getvalue()
+
+
+def to_markdown(table: Table) -> str:
+    """The table as a GitHub-flavoured markdown table, titled with a bold line."""
+    lines = []
+    if table.title:
+        lines += [f"**{table.title}**", ""]
+    lines.append("| " + " | ".join(table.columns) + " |")
+    aligns = []
+    for i, _ in enumerate(table.columns):
+        numeric = table.rows and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in table.rows if r[i] is not None)
+        aligns.append("---:" if numeric else "---")
+    lines.append("| " + " | ".join(aligns) + " |")
+    for row in table.rows:
+        lines.append("| " + " | ".join(fmt_value(v).replace("|", "\\|") for v in row) + " |")
+    if table.caption:
+        lines += ["", table.caption]
+    return "\n".join(lines) + "\n"

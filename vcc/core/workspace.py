@@ -1,0 +1,187 @@
+"""The managed workspace: datasets/<name>/, runs/<name>/, and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vcc.core.errors import UsageError, VccError
+
+ENV_VAR = "VCC_HOME"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def default_root() -> Path:
+    """The workspace root: $VCC_HOME, else platformdirs' user data dir for "vcc"."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("vcc"))
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Validate a dataset or run name (letters, digits, _ . + -; no slashes)."""
+    if not _NAME_RE.match(name or ""):
+        raise UsageError(f"invalid {what} {name!r}: use letters, digits, '_', '.', '+', '-'")
+    return name
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A vcc workspace directory."""
+
+    root: Path
+
+    @classmethod
+    def default(cls) -> Workspace:
+        return cls(default_root())
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def dataset_dir(self, name: str) -> Path:
+        return self.datasets_dir / check_name(name, "dataset name")
+
+    def run_dir(self, name: str, create: bool = False) -> Path:
+        path = self.runs_dir / check_name(name, "run name")
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def datasets(self) -> list[str]:
+        if not self.datasets_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.datasets_dir.iterdir() if (p / "dataset.json").is_file())
+
+    def runs(self) -> list[str]:
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.runs_dir.iterdir() if p.is_dir())
+
+    def resolve_dataset(self, name: str) -> Path:
+        """The folder of a prepared dataset, or a one-line error listing the known ones."""
+        path = Path(name)
+        if path.is_dir() and (path / "dataset.json").is_file():
+            return path
+        if _NAME_RE.match(name) and (self.datasets_dir / name / "dataset.json").is_file():
+            return self.datasets_dir / name
+        known = ", ".join(self.datasets()) or "none; run `vcc prepare`"
+        raise VccError(f"dataset {name!r} not found in {self.datasets_dir} (known: {known})")
+
+    def resolve_model(self, spec: str) -> Path:
+        """A model artefact from a `.safetensors` path or a run name (its model.safetensors).
+
+        A run name may carry a suffix: `RUN:best`, `RUN:last`.
+        """
+        path = Path(spec).expanduser()
+        if path.suffix == ".safetensors" or os.sep in spec or path.exists():
+            if path.is_file():
+                return path
+            if path.is_dir() and (path / "model.safetensors").is_file():
+                return path / "model.safetensors"
+            raise VccError(f"model file not found: {spec}")
+        name, _, which = spec.partition(":")
+        if _NAME_RE.match(name):
+            run = self.runs_dir / name
+            candidates = [run / f"{which}.safetensors"] if which else [
+                run / "model.safetensors",
+                run / "best.safetensors",
+                run / "last.safetensors",
+            ]
+            for cand in candidates:
+                if cand.is_file():
+                    return cand
+        known = ", ".join(self.runs()) or "none"
+        raise VccError(f"model {spec!r} is neither a .safetensors file nor a run in {self.runs_dir} (runs: {known})")
+
+    def unique_run_name(self, base: str) -> str:
+        """`base`, or `base-2`, `base-3`, ... whichever does not exist yet."""
+        check_name(base, "run name")
+        if not (self.runs_dir / base).exists():
+            return base
+        i = 2
+        while (self.runs_dir / f"{base}-{i}").exists():
+            i += 1
+        return f"{base}-{i}"
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _tmp_beside(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    tmp = _tmp_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to `path` atomically (temp file + fsync + rename)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text (UTF-8) to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
+    """Build a directory in a temp sibling and move it into place only if the block succeeds.
+
+    With replace=True an existing directory at `path` is swapped out after success.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            if not replace:
+                raise VccError(f"{path} already exists")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
