@@ -1,0 +1,1 @@
+"""Datasets: preparation (`vcc prepare`), manifests and the decord clip loader."""

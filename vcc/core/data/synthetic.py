@@ -1,0 +1,215 @@
+"""A generated motion dataset: real encoded videos whose classes only motion tells apart.
+
+Every video shows a few shapes (random kind, size and colour) on a random textured
+background with per-frame noise. One shape moves; the others stay still. The class is how
+the moving shape moves (up, down, sideways, growing, ...). Shape, colour, background and
+position are drawn independently of the class, so a single frame does not give it away.
+
+All classes are invariant under a horizontal flip (sideways motion goes left or right at
+random, diagonals too), so the loader's random flip never changes a label.
+Motion wraps around the frame edges (a torus), so any clip of any length keeps moving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vcc.core.data.manifest import PrepareResult, VideoEntry, load_dataset, write_dataset
+from vcc.core.errors import UsageError
+from vcc.core.workspace import Workspace, atomic_dir
+
+Progress = Callable[[str, int, "int | None", dict], None]
+
+# Class names in label order; `classes=N` takes the first N.
+MOTIONS = [
+    "up",
+    "down",
+    "sideways",
+    "grow",
+    "shrink",
+    "diagonal_up",
+    "diagonal_down",
+    "still",
+    "orbit",
+    "shake",
+]
+DEFAULTS: dict[str, Any] = {"classes": 8, "videos_per_class": 24, "frames": 40, "size": 64, "seed": 0}
+TEST_FRACTION = 0.25
+FPS = 25
+
+
+def prepare_synthetic(
+    ws: Workspace,
+    name: str = "synthetic",
+    classes: int = DEFAULTS["classes"],
+    videos_per_class: int = DEFAULTS["videos_per_class"],
+    frames: int = DEFAULTS["frames"],
+    size: int = DEFAULTS["size"],
+    seed: int = DEFAULTS["seed"],
+    progress: Progress | None = None,
+) -> PrepareResult:
+    """Generate `classes` x `videos_per_class` videos into ``datasets/<name>/`` (75/25 split).
+
+    Deterministic in `seed`; re-running with the same options reuses the existing dataset.
+    """
+    if not 2 <= classes <= len(MOTIONS):
+        raise UsageError(f"--classes must be between 2 and {len(MOTIONS)}, got {classes}")
+    if videos_per_class < 2:
+        raise UsageError(f"--videos-per-class must be at least 2 (one train, one test), got {videos_per_class}")
+    if frames < 4:
+        raise UsageError(f"--frames must be at least 4, got {frames}")
+    if size < 16 or size % 2:
+        raise UsageError(f"--size must be an even number >= 16, got {size}")
+    folder = ws.dataset_dir(name)
+    options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 1}
+    existing = _reuse(folder, options)
+    if existing is not None:
+        return existing
+
+    class_names = MOTIONS[:classes]
+    n_test = max(1, round(videos_per_class * TEST_FRACTION))
+    total = classes * videos_per_class
+    entries: list[VideoEntry] = []
+    with atomic_dir(folder) as tmp:
+        done = 0
+        for label, motion in enumerate(class_names):
+            (tmp / "videos" / motion).mkdir(parents=True, exist_ok=True)
+            for k in range(videos_per_class):
+                rng = np.random.default_rng([seed, label, k])
+                video = render_video(motion, frames, size, rng)
+                rel = Path("videos") / motion / f"{motion}_{k:03d}.avi"
+                encode_video(tmp / rel, video, fps=FPS)
+                split = "test" if k >= videos_per_class - n_test else "train"
+                entries.append(VideoEntry(str(tmp / rel), label, split, frames, float(FPS), size, size))
+                done += 1
+                if progress:
+                    progress("generate", done, total, {"class": motion})
+        counts = write_dataset(tmp, name, class_names, entries, source="synthetic", options=options)
+    return PrepareResult(name, folder, class_names, counts, [])
+
+
+def _reuse(folder: Path, options: dict[str, Any]) -> PrepareResult | None:
+    try:
+        info = load_dataset(folder)
+    except Exception:  # noqa: BLE001 - anything unreadable is regenerated
+        return None
+    if info.source != "synthetic" or info.options != options:
+        return None
+    if not all(Path(e.path).is_file() for e in info.entries):
+        return None
+    return PrepareResult(info.name, folder, info.classes, info.counts, [])
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random colour field plus static fine texture, float32 (H, W, 3) in 0..255."""
+    g = int(rng.integers(2, 6))
+    coarse = rng.uniform(30, 225, size=(g, g, 3)).astype(np.float32)
+    # bilinear upsampling of the coarse grid
+    pos = np.linspace(0, g - 1, size, dtype=np.float32)
+    i0 = np.clip(np.floor(pos).astype(int), 0, g - 2) if g > 1 else np.zeros(size, int)
+    f = (pos - i0)[:, None]
+    rows = coarse[i0] * (1 - f[..., None]) + coarse[np.minimum(i0 + 1, g - 1)] * f[..., None]
+    f2 = f[None, :, :]
+    bg = rows[:, i0] * (1 - f2) + rows[:, np.minimum(i0 + 1, g - 1)] * f2
+    bg += rng.normal(0, 12, size=(size, size, 1)).astype(np.float32)
+    return bg
+
+
+def _shape_mask(kind: int, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    if kind == 0:  # disc
+        return dx * dx + dy * dy <= r * r
+    if kind == 1:  # square
+        return (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85)
+    return np.abs(dx) + np.abs(dy) <= r * 1.15  # diamond
+
+
+def _contrast_colour(bg_mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    for _ in range(20):
+        c = rng.uniform(0, 255, size=3)
+        if np.abs(c - bg_mean).sum() > 180:
+            return c.astype(np.float32)
+    return (255.0 - bg_mean).astype(np.float32)
+
+
+def render_video(motion: str, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Render one video of class `motion`: uint8 (T, H, W, 3)."""
+    s = size / 64.0
+    bg = _background(size, rng)
+    bg_mean = bg.reshape(-1, 3).mean(0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    def wrapped(cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
+        dx = (xx - cx + size / 2) % size - size / 2
+        dy = (yy - cy + size / 2) % size - size / 2
+        return dx, dy
+
+    # static distractors that look like the moving shape
+    static = bg.copy()
+    for _ in range(int(rng.integers(1, 3))):
+        m = _shape_mask(int(rng.integers(0, 3)), *wrapped(*rng.uniform(0, size, 2)), float(rng.uniform(5, 8) * s))
+        static[m] = _contrast_colour(bg_mean, rng)
+
+    kind = int(rng.integers(0, 3))
+    colour = _contrast_colour(bg_mean, rng)
+    r0 = float(rng.uniform(5.5, 8.5) * s)
+    cx0, cy0 = rng.uniform(0, size, 2)
+    speed = float(rng.uniform(2.0, 3.2) * s)
+    sign = 1.0 if rng.random() < 0.5 else -1.0  # left or right: flip-invariant classes
+    phase = float(rng.uniform(0, 2 * math.pi))
+    rmin, rmax = 3.0 * s, 11.0 * s
+    grow_rate = float(rng.uniform(0.55, 0.8) * s)
+    out = np.empty((frames, size, size, 3), dtype=np.uint8)
+    for t in range(frames):
+        cx, cy, r = cx0, cy0, r0
+        if motion == "up":
+            cy = cy0 - speed * t
+        elif motion == "down":
+            cy = cy0 + speed * t
+        elif motion == "sideways":
+            cx = cx0 + sign * speed * t
+        elif motion == "diagonal_up":
+            cx, cy = cx0 + sign * speed * t * 0.75, cy0 - speed * t * 0.75
+        elif motion == "diagonal_down":
+            cx, cy = cx0 + sign * speed * t * 0.75, cy0 + speed * t * 0.75
+        elif motion in ("grow", "shrink"):
+            span = rmax - rmin
+            off = (r0 - rmin + (grow_rate * t if motion == "grow" else -grow_rate * t)) % span
+            r = rmin + off
+        elif motion == "orbit":
+            a = phase + sign * t * 2 * math.pi / 12
+            rad = 9.0 * s
+            cx, cy = cx0 + rad * math.cos(a), cy0 + rad * math.sin(a)
+        elif motion == "shake":
+            cx = cx0 + 6.0 * s * math.sin(phase + t * 2 * math.pi / 6)
+        # "still": nothing moves
+        frame = static.copy()
+        frame[_shape_mask(kind, *wrapped(cx, cy), r)] = colour
+        frame += rng.normal(0, 6, size=frame.shape).astype(np.float32)
+        out[t] = np.clip(frame, 0, 255).astype(np.uint8)
+    return out
+
+
+def encode_video(path: Path, video: np.ndarray, fps: int = FPS, codec: str = "mpeg4") -> None:
+    """Encode uint8 (T, H, W, 3) frames with PyAV (MPEG-4 part 2 in AVI by default)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = video.shape[1:3]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = max(400_000, int(w * h * fps * 2))
+        for frame in video:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
