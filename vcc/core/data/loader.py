@@ -1,0 +1,236 @@
+"""The clip loader: a torch Dataset/DataLoader over decord.
+
+Batches are ``(clips uint8 (N, 3, T, H, W), labels int64 (N,), video_idx int64 (N,))``;
+``video_idx`` indexes ``info.split(split)``. Normalise on the device with
+:func:`vcc.core.data.transforms.normalize`.
+
+* Training: one random clip of ``frames`` frames ``stride`` apart per video, a random crop of
+  the short-side-resized video, a random horizontal flip; videos shuffled.
+* Testing: ``clips`` evenly spaced clips x ``crops`` (1 centre, 3 along the long side) per video,
+  in order.
+* Readers open lazily inside each worker process (one decode thread each, a small cache);
+  decord scales frames while decoding, so full-size frames are never copied.
+* Randomness is a pure function of (seed, epoch, item): the same seed gives the same batches for
+  any number of workers, and ``loader.set_epoch(e)`` before iterating resumes bit-exactly.
+  Without it, each iteration over the loader advances the epoch by one.
+* A video that fails to load is logged (logger ``vcc.data``), counted in
+  ``loader.dataset.failures`` (across workers) and replaced by another sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from vcc.core.data import sampling, transforms
+from vcc.core.data.manifest import DatasetInfo, VideoEntry
+from vcc.core.errors import UsageError, VccError
+
+log = logging.getLogger("vcc.data")
+MAX_RETRIES = 10
+READER_CACHE = 4
+
+
+class ClipDataset(Dataset):
+    """Clips of one split of a prepared dataset (see the module docstring)."""
+
+    def __init__(
+        self,
+        entries: list[VideoEntry],
+        *,
+        train: bool,
+        frames: int,
+        size: int,
+        stride: int,
+        clips: int = 1,
+        crops: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.entries = entries
+        self.train = train
+        self.frames = frames
+        self.size = size
+        self.stride = stride
+        self.clips = 1 if train else clips
+        self.crops = 1 if train else crops
+        self.seed = seed
+        self.epoch = 0
+        self.short = transforms.scale_for(size)
+        self._failures = multiprocessing.Value("i", 0)
+        self._readers: OrderedDict[int, Any] | None = None  # per process, opened lazily
+
+    def __len__(self) -> int:
+        return len(self.entries) * self.clips * self.crops
+
+    @property
+    def failures(self) -> int:
+        """How many loads failed (and were replaced), summed over all worker processes."""
+        return int(self._failures.value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_readers"] = None  # never ship open readers to a worker
+        return state
+
+    def _reader(self, vid: int) -> Any:
+        import decord
+
+        if self._readers is None:
+            self._readers = OrderedDict()
+        if vid in self._readers:
+            self._readers.move_to_end(vid)
+            return self._readers[vid]
+        e = self.entries[vid]
+        kw: dict[str, int] = {}
+        if e.width > 0 and e.height > 0 and min(e.width, e.height) != self.short:
+            kw["width"], kw["height"] = transforms.resized_shape(e.width, e.height, self.short)
+        reader = decord.VideoReader(e.path, num_threads=1, **kw)
+        self._readers[vid] = reader
+        while len(self._readers) > READER_CACHE:
+            self._readers.popitem(last=False)
+        return reader
+
+    def _load(self, index: int, attempt: int) -> tuple[torch.Tensor, int, int]:
+        vid, rest = divmod(index, self.clips * self.crops)
+        clip, crop = divmod(rest, self.crops)
+        reader = self._reader(vid)
+        n = len(reader)
+        if n <= 0:
+            raise VccError("no frames")
+        rng = np.random.default_rng([self.seed, self.epoch, index, attempt]) if self.train else None
+        if self.train:
+            idx = sampling.train_indices(n, self.frames, self.stride, rng)
+        else:
+            idx = sampling.eval_indices(n, self.frames, self.stride, self.clips)[clip]
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        frames = reader.get_batch([int(i) for i in uniq]).asnumpy()[inverse]
+        frames = transforms.fit_short_side(frames, self.short)
+        h, w = frames.shape[1:3]
+        if self.train:
+            top, left = transforms.random_offset(h, w, self.size, rng)
+            flip = bool(rng.random() < 0.5)
+        else:
+            top, left = transforms.crop_offsets(h, w, self.size, self.crops)[crop]
+            flip = False
+        return transforms.to_clip_tensor(frames, top, left, self.size, flip), self.entries[vid].label, vid
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        per_video = self.clips * self.crops
+        cur = index
+        for attempt in range(MAX_RETRIES):
+            try:
+                return self._load(cur, attempt)
+            except Exception as exc:  # noqa: BLE001 - a bad video must never end an epoch
+                vid = cur // per_video
+                if self._readers is not None:
+                    self._readers.pop(vid, None)
+                with self._failures.get_lock():
+                    self._failures.value += 1
+                log.warning("cannot load %s (%s); using another video", self.entries[vid].path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                # a deterministic replacement: another video, same clip/crop slot
+                step = (attempt + 1) * 7919 % max(1, len(self.entries)) or 1
+                cur = ((vid + step) % len(self.entries)) * per_video + cur % per_video
+        raise VccError(f"{MAX_RETRIES} videos in a row failed to load; check the dataset ({self.entries[index // per_video].path})")
+
+
+class EpochSampler(Sampler[int]):
+    """Indices in order, or shuffled by (seed, epoch)."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ClipLoader(DataLoader):
+    """A DataLoader that knows its epoch: ``set_epoch(e)`` fixes the next iteration's shuffle
+    and augmentation; each iteration otherwise advances the epoch by one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.next_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch `epoch` (for resuming)."""
+        self.next_epoch = epoch
+
+    def __iter__(self):  # type: ignore[override]
+        epoch = self.next_epoch
+        self.next_epoch += 1
+        self.dataset.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        return super().__iter__()
+
+
+def _worker_init(worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    info: DatasetInfo,
+    split: str,
+    *,
+    train: bool,
+    frames: int,
+    size: int,
+    batch_size: int,
+    workers: int = 0,
+    stride: int | None = None,
+    clips: int = 1,
+    crops: int = 1,
+    seed: int = 0,
+    distributed: bool = False,
+    pin_memory: bool = False,
+) -> ClipLoader:
+    """A loader over ``info.split(split)``; see the module docstring.
+
+    ``stride=None`` picks one stride for the whole dataset (1..4) from its median length.
+    """
+    entries = info.split(split)
+    if not entries:
+        raise VccError(f"dataset {info.name!r} has no {split!r} videos")
+    if frames < 1 or size < 1 or batch_size < 1:
+        raise UsageError("frames, size and batch_size must be positive")
+    if crops not in (1, 3):
+        raise UsageError(f"--crops must be 1 or 3, got {crops}")
+    if clips < 1:
+        raise UsageError(f"--clips must be at least 1, got {clips}")
+    if stride is None:
+        stride = sampling.auto_stride([e.n_frames for e in entries], frames)
+    if stride < 1:
+        raise UsageError(f"--stride must be at least 1, got {stride}")
+    ds = ClipDataset(entries, train=train, frames=frames, size=size, stride=stride, clips=clips, crops=crops, seed=seed)
+    sampler: Sampler[int]
+    if distributed:
+        sampler = DistributedSampler(ds, shuffle=train, seed=seed)
+    else:
+        sampler = EpochSampler(len(ds), shuffle=train, seed=seed)
+    return ClipLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
