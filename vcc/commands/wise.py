@@ -1,14 +1,77 @@
-"""`vcc wise` (not built yet)."""
+"""`vcc wise`: fit WISE on a multi-exit model and sweep early-exit thresholds."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+from vcc.commands._common import DeviceOpt, Format, FormatOpt, NameOpt
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("wise", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def wise(ctx: typer.Context) -> None:
-        """Not implemented yet."""
-        from vcc.core.errors import NotImplementedYet
+    @app.command("wise")
+    def wise(
+        model: Annotated[str, typer.Argument(help="Multi-exit model: a .safetensors file or a run name (RUN, RUN:best).")],
+        data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (name or folder); WISE fits on train, reports on test.")],
+        lam: Annotated[float, typer.Option("--lambda", help="L1 weight on each exit's ensemble weights.", min=0.0)] = 1e-3,
+        iters: Annotated[int, typer.Option("--iters", help="Full-batch SGD steps for the WISE weights.", min=0)] = 500,
+        lr: Annotated[float, typer.Option("--lr", help="SGD learning rate for the WISE weights.", min=0.0)] = 0.01,
+        thresholds: Annotated[str, typer.Option("--thresholds", help="Softmax thresholds START:STOP:COUNT (linspace, inclusive) or a comma list.")] = "0:1.1:13",
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per batch while collecting logits.", min=1)] = 8,
+        workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.", min=0)] = 0,
+        device: DeviceOpt = "auto",
+        name: NameOpt = None,
+        fmt: FormatOpt = Format.table,
+    ) -> None:
+        """Weighted ensembles of early exits (WISE) vs vanilla ICs vs constant ensembles.
 
-        raise NotImplementedYet("`vcc wise` is not implemented yet")
+        Saves every exit's logits (train and test), learns WISE weights on train, then sweeps the
+        exit threshold on test: accuracy, average MACs per video (each video pays everything it
+        ran) and the share leaving at each exit. Writes logits.safetensors, tradeoff.csv,
+        wise.json and tradeoff.png into the run folder.
+        """
+        from pathlib import Path
+
+        from vcc.commands._common import ProgressHook, log, progress, render, workspace
+        from vcc.core.wise import parse_thresholds, run_wise
+
+        ws = workspace()
+        model_path = ws.resolve_model(model)
+        data_path = ws.resolve_dataset(data)
+        thr = parse_thresholds(thresholds)
+        if name is None:
+            stem = model_path.parent.name if model_path.name == "model.safetensors" else model_path.stem
+            base = f"wise-{stem}" if stem and stem[0].isalnum() else "wise"
+            run_name = ws.unique_run_name("".join(c if c.isalnum() or c in "_.+-" else "-" for c in base))
+        else:
+            run_name = name
+        run_dir = ws.run_dir(run_name)
+        with progress(transient=True) as prog:
+            doc = run_wise(
+                model_path, Path(data_path), run_dir, lam=lam, iters=iters, lr=lr, thresholds=thr,
+                batch_size=batch_size, device=device, workers=workers, progress=ProgressHook(prog),
+            )
+        doc["run"] = run_name
+        log(f"wrote {run_dir} (logits.safetensors, tradeoff.csv, wise.json, tradeoff.png)")
+        render(_report(doc), fmt)
+
+
+def _report(doc: dict):
+    from vcc.core.report import Report, Table, human_count
+
+    full = doc["full"]
+    tables = []
+    for method, rows in doc["methods"].items():
+        t = Table(["threshold", "acc %", "MACs", "% full", "exit shares %"], title=f"{method}")
+        for r in rows:
+            shares = " / ".join(f"{100 * v:.0f}" for v in r["exits"])
+            pct = round(100 * r["macs"] / full["macs"], 1) if full["macs"] else None
+            t.add(r["threshold"], round(100 * r["accuracy"], 2), human_count(r["macs"]), pct, shares)
+        tables.append(t)
+    ex = Table(["exit", "stage", "cumulative MACs", "WISE weights"], title="exits")
+    for row, w in zip(doc["exits"], doc["wise_weights"], strict=False):
+        ex.add(row["exit"], row["stage"], human_count(row["macs"]), " ".join(f"{v:.3g}" for v in w))
+    tables.append(ex)
+    notes = [f"full model: accuracy {100 * full['accuracy']:.2f}%, {human_count(full['macs'])} MACs/video; run {doc.get('run', '')}"]
+    return Report(doc, tables, notes)
