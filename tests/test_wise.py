@@ -1,0 +1,154 @@
+"""WISE: weight fitting (clipping, L1), threshold semantics, sweeps, and the `vcc wise` CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from tests.conftest import run_vcc
+from vcc.cli import app
+from vcc.core.errors import UsageError
+from vcc.core.wise import (
+    combine,
+    constant_weights,
+    exit_decisions,
+    fit_wise,
+    parse_thresholds,
+    sweep,
+    vanilla_weights,
+)
+
+
+def _logits(n: int = 300, classes: int = 5, signal: tuple[float, ...] = (0.5, 1.0, 2.0), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exit logits whose label signal grows with depth (later exits are better)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    outs = []
+    for s in signal:
+        x = torch.randn(n, classes, generator=g)
+        x[torch.arange(n), y] += s
+        outs.append(x)
+    return torch.stack(outs), y
+
+
+def test_parse_thresholds_is_linspace() -> None:
+    assert parse_thresholds("0:1.1:12") == pytest.approx(np.linspace(0, 1.1, 12).tolist())
+    assert parse_thresholds("0.5:0.9:1") == [0.5]
+    assert parse_thresholds("0.2, 0.9") == [0.2, 0.9]
+    for bad in ("0:1", "a:b:c", "0:1:0", ""):
+        with pytest.raises(UsageError):
+            parse_thresholds(bad)
+
+
+def test_fit_wise_is_lower_triangular_nonnegative_and_beats_constant() -> None:
+    logits, y = _logits()
+    beta = fit_wise(logits, y, lam=1e-3, iters=200, lr=0.05)
+    assert beta.shape == (3, 3)
+    assert torch.all(beta >= 0) and torch.all(torch.triu(beta, 1) == 0)
+
+    def ce(w: torch.Tensor) -> float:
+        out = combine(logits, w)
+        return float(sum(F.cross_entropy(out[k], y) for k in range(3)))
+
+    assert ce(beta) < ce(constant_weights(3)) - 0.05
+    assert ce(beta) < ce(vanilla_weights(3))
+
+
+def test_fit_wise_clips_harmful_exits_to_exactly_zero() -> None:
+    logits, y = _logits(signal=(2.0, 2.0))
+    logits[0] = -logits[0]  # exit 1 points away from the label: its weight wants to be negative
+    beta = fit_wise(logits, y, lam=0.0, iters=200, lr=0.05)
+    assert beta[0, 0] == 0.0 and beta[1, 0] == 0.0
+    assert beta[1, 1] > 0.5
+
+
+def test_fit_wise_l1_shrinks_weights() -> None:
+    logits, y = _logits()
+    free = fit_wise(logits, y, lam=0.0, iters=200, lr=0.05)
+    shrunk = fit_wise(logits, y, lam=1.0, iters=200, lr=0.05)
+    assert shrunk.sum() < 0.5 * free.sum()
+    assert fit_wise(logits, y, lam=0.0, iters=0).equal(constant_weights(3))
+
+
+def test_threshold_semantics_and_fair_sweep() -> None:
+    logits, y = _logits(n=40)
+    assert torch.all(exit_decisions(logits, 0.0) == 0)  # every max softmax is > 0
+    assert torch.all(exit_decisions(logits, 1.01) == 2)  # none exceeds 1: the last exit
+    cum = [10.0, 30.0, 100.0]
+    rows = sweep(logits, y, cum, [0.0, 1.01])
+    assert rows[0]["exits"] == [1.0, 0.0, 0.0] and rows[0]["macs"] == 10.0
+    assert rows[1]["exits"] == [0.0, 0.0, 1.0] and rows[1]["macs"] == 100.0
+    assert rows[0]["accuracy"] == pytest.approx(float((logits[0].argmax(1) == y).float().mean()))
+    assert rows[1]["accuracy"] == pytest.approx(float((logits[2].argmax(1) == y).float().mean()))
+
+
+def test_sweep_hand_example_charges_wrong_early_exits_too() -> None:
+    # Two samples, label 0. Sample A is confidently WRONG at exit 1 (leaves there, pays 10);
+    # sample B is unsure at exit 1 and leaves at exit 2 (pays 30, exits passed included).
+    out = torch.tensor([
+        [[0.0, 9.0], [0.0, 0.0]],  # exit 1: A confident class 1, B 50/50
+        [[9.0, 0.0], [9.0, 0.0]],  # exit 2
+    ])
+    rows = sweep(out, torch.tensor([0, 0]), [10.0, 30.0], [0.9])
+    assert rows[0] == {"threshold": 0.9, "accuracy": 0.5, "macs": 20.0, "exits": [0.5, 0.5]}
+
+
+def test_constant_weights_average() -> None:
+    want = torch.tensor([[1, 0, 0], [0.5, 0.5, 0], [1 / 3, 1 / 3, 1 / 3]])
+    assert torch.allclose(constant_weights(3), want)
+
+
+@pytest.fixture(scope="module")
+def multi_exit_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """tiny_model with (untrained) ICs attached: enough to exercise the pipeline."""
+    from vcc.core.artefact import load_model, save_model
+    from vcc.core.exits import attach_exits
+
+    model, meta = load_model(tiny_model)
+    torch.manual_seed(0)
+    model, meta = attach_exits(model, meta)
+    path = tmp_path_factory.mktemp("wise") / "multi.safetensors"
+    save_model(path, model, meta)
+    return path
+
+
+def test_vcc_wise_cli_json(session_ws, tiny_synthetic: Path, multi_exit_model: Path) -> None:
+    env = {"VCC_HOME": str(session_ws.root)}
+    proc = run_vcc("wise", str(multi_exit_model), "--data", str(tiny_synthetic), "--iters", "20", "--thresholds", "0:1.1:4",
+                   "--name", "wise-cli", "--device", "cpu", "--format", "json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
+    assert doc["full"]["macs"] > 0 and 0 <= doc["full"]["accuracy"] <= 1
+    assert set(doc["methods"]) == {"wise", "vanilla", "constant"}
+    for rows in doc["methods"].values():
+        assert [r["threshold"] for r in rows] == pytest.approx(np.linspace(0, 1.1, 4).tolist())
+        for r in rows:
+            assert set(r) == {"threshold", "accuracy", "macs", "exits"}
+            assert len(r["exits"]) == 4 and sum(r["exits"]) == pytest.approx(1.0)
+        assert rows[0]["exits"][0] == 1.0 and rows[-1]["exits"][-1] == 1.0
+    vanilla = doc["methods"]["vanilla"]
+    assert vanilla[0]["macs"] == doc["exits"][0]["macs"] and vanilla[-1]["macs"] == doc["exits"][-1]["macs"]
+    assert vanilla[-1]["accuracy"] == doc["full"]["accuracy"]
+    run = session_ws.root / "runs" / "wise-cli"
+    assert (run / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "tradeoff.csv").read_text().splitlines()[0].startswith("method,threshold,accuracy,macs,exit_1")
+    assert json.loads((run / "wise.json").read_text())["methods"] == doc["methods"]
+    from vcc.core.artefact import load_tensors
+
+    tensors, meta = load_tensors(run / "logits.safetensors", expect_format="vcc-logits")
+    assert tensors["train_logits"].shape[0] == 4 and tensors["test_logits"].shape[1] == len(tensors["test_labels"])
+    assert meta["model_sha256"]
+
+
+def test_vcc_wise_rejects_a_plain_model(ws, tiny_synthetic: Path, tiny_model: Path) -> None:
+    res = CliRunner().invoke(app, ["wise", str(tiny_model), "--data", str(tiny_synthetic), "--device", "cpu"])
+    assert res.exit_code == 2
+    assert "has no early exits" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["wise", str(tiny_model), "--data", str(tiny_synthetic), "--thresholds", "1:2"])
+    assert res.exit_code == 2 and "--thresholds" in res.output
