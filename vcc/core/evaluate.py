@@ -1,0 +1,206 @@
+"""Evaluation: clip- and video-level top-k, per-class accuracy, confusion, latency, throughput.
+
+A video's score is the mean of its clips' softmax (K temporal clips x 1 or 3 spatial crops).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from vcc.core.artefact import ModelMeta
+from vcc.core.errors import VccError
+from vcc.core.training import (
+    amp_dtype,
+    autocast,
+    check_classes,
+    dataset_info,
+    final_logits,
+    has_conv3d,
+    prepare_input,
+    resolve_device,
+)
+
+ProgressFn = Callable[[str, int, "int | None", dict], None]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def predict(
+    model: nn.Module,
+    loader: Iterable,
+    device: str | torch.device,
+    meta: ModelMeta,
+    *,
+    amp: bool = False,
+    progress: ProgressFn | None = None,
+    task: str = "eval",
+    timing: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run `model` over `loader`: (logits (clips, C) float32 CPU, labels (clips,), video_idx (clips,)).
+
+    With `timing` (a dict), adds ``model_s`` (forward time, synchronised) and ``total_s``.
+    """
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    dtype = amp_dtype(device) if amp else None
+    channels_last = device.type == "cuda" and dtype is not None and has_conv3d(model)
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    outs, labels, vids = [], [], []
+    model_s = 0.0
+    t_start = time.perf_counter()
+    with torch.inference_mode():
+        for i, batch in enumerate(loader):
+            x = prepare_input(batch[0], device, meta.mean, meta.std, channels_last)
+            _sync(device)
+            t0 = time.perf_counter()
+            with autocast(device, dtype):
+                out = final_logits(model(x))
+            _sync(device)
+            model_s += time.perf_counter() - t0
+            outs.append(out.float().cpu())
+            labels.append(batch[1].cpu().long())
+            vids.append(batch[2].cpu().long() if len(batch) > 2 else torch.arange(len(batch[1])) + sum(len(v) for v in vids))
+            if progress:
+                progress(task, i + 1, total, {})
+    model.train(was_training)
+    if timing is not None:
+        timing["model_s"] = model_s
+        timing["total_s"] = time.perf_counter() - t_start
+    if not outs:
+        raise VccError("no clips to evaluate (empty split?)")
+    return torch.cat(outs), torch.cat(labels), torch.cat(vids)
+
+
+def video_scores(logits: torch.Tensor, labels: torch.Tensor, video_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean clip softmax per video: (scores (V, C), labels (V,), video ids (V,), sorted by id)."""
+    vids, inverse = torch.unique(video_idx, sorted=True, return_inverse=True)
+    probs = torch.softmax(logits.float(), dim=1)
+    sums = torch.zeros(len(vids), probs.shape[1]).index_add_(0, inverse, probs)
+    counts = torch.zeros(len(vids)).index_add_(0, inverse, torch.ones(len(inverse)))
+    vlabels = torch.zeros(len(vids), dtype=torch.long).scatter_(0, inverse, labels.long())
+    return sums / counts[:, None], vlabels, vids
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose label is among the `k` highest scores."""
+    if len(labels) == 0:
+        return 0.0
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return float((top == labels[:, None]).any(dim=1).float().mean())
+
+
+def video_accuracy(logits: torch.Tensor, labels: torch.Tensor, video_idx: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """clip_topK and video_topK accuracies (fractions) from per-clip logits."""
+    vs, vl, _ = video_scores(logits, labels, video_idx)
+    out: dict[str, float] = {}
+    for k in topk:
+        out[f"clip_top{k}"] = topk_accuracy(logits, labels, k)
+        out[f"video_top{k}"] = topk_accuracy(vs, vl, k)
+    return out
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """rows = true class, columns = predicted class."""
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    cm.index_put_((labels.long(), pred.long()), torch.ones(len(labels), dtype=torch.long), accumulate=True)
+    return cm.tolist()
+
+
+def measure_latency(model: nn.Module, meta: ModelMeta, device: str | torch.device = "cpu", batch: int = 1, warmup: int = 3, runs: int = 10) -> float:
+    """Median wall time in ms of one forward pass at batch `batch` on `device` (after warm-up)."""
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch, int(meta.input.get("channels", 3)), meta.frames, meta.size, meta.size, device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            _sync(device)
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000.0)
+    model.train(was_training)
+    return float(statistics.median(times))
+
+
+def evaluate(
+    model: nn.Module,
+    meta: ModelMeta,
+    data: Any,
+    *,
+    split: str = "test",
+    clips: int = 3,
+    crops: int = 1,
+    batch_size: int = 8,
+    device: str | torch.device = "auto",
+    workers: int = 0,
+    progress: ProgressFn | None = None,
+    amp: bool = False,
+    latency_runs: int = 10,
+) -> dict[str, Any]:
+    """Evaluate `model` on a dataset split: accuracies (fractions), per-class, confusion, speed.
+
+    Keys: clip_top1, clip_top5, video_top1, video_top5, videos, clips, latency_ms (batch 1,
+    median), clips_per_s (model forward throughput at `batch_size`), end_to_end_clips_per_s
+    (including decoding), per_class ({class: video accuracy}), confusion (video level,
+    rows = true class), classes.
+    """
+    from vcc.core.data.loader import make_loader
+
+    if crops not in (1, 3):
+        raise VccError(f"--crops must be 1 or 3, got {crops}")
+    if clips < 1 or batch_size < 1:
+        raise VccError("--clips and --batch-size must be >= 1")
+    info = dataset_info(data)
+    check_classes(meta, list(info.classes), data_name=f"dataset {info.name!r}")
+    if not info.split(split):
+        have = sorted({e.split for e in info.entries})
+        raise VccError(f"dataset {info.name!r} has no {split!r} videos (splits: {', '.join(have) or 'none'})")
+    dev = resolve_device(device)
+    model = model.to(dev)
+    loader = make_loader(
+        info, split, train=False, frames=meta.frames, size=meta.size, batch_size=batch_size,
+        workers=workers, clips=clips, crops=crops, pin_memory=dev.type == "cuda",
+    )
+    timing: dict[str, float] = {}
+    logits, labels, vidx = predict(model, loader, dev, meta, amp=amp, progress=progress, timing=timing)
+    acc = video_accuracy(logits, labels, vidx, topk=(1, 5))
+    vs, vl, _ = video_scores(logits, labels, vidx)
+    vpred = vs.argmax(1)
+    n_cls = len(info.classes)
+    per_class = {}
+    for c, name in enumerate(info.classes):
+        mask = vl == c
+        per_class[name] = float((vpred[mask] == c).float().mean()) if mask.any() else None
+    latency = measure_latency(model, meta, dev, batch=1, warmup=3, runs=latency_runs)
+    return {
+        **{k: acc[k] for k in ("clip_top1", "clip_top5", "video_top1", "video_top5")},
+        "videos": int(len(vl)),
+        "clips": int(len(labels)),
+        "latency_ms": round(latency, 3),
+        "clips_per_s": round(len(labels) / max(1e-9, timing["model_s"]), 2),
+        "end_to_end_clips_per_s": round(len(labels) / max(1e-9, timing["total_s"]), 2),
+        "split": split,
+        "clips_per_video": clips,
+        "crops": crops,
+        "device": str(dev),
+        "per_class": per_class,
+        "classes": list(info.classes),
+        "confusion": confusion_matrix(vpred, vl, n_cls),
+    }
