@@ -1,14 +1,84 @@
-"""`vcc port` (not built yet)."""
+"""`vcc port`: a masked or gated model -> a dense, physically smaller artefact (optionally ONNX)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+from vcc.commands._common import Format, FormatOpt, NameOpt
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("port", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def port(ctx: typer.Context) -> None:
-        """Not implemented yet."""
-        from vcc.core.errors import NotImplementedYet
+    @app.command("port")
+    def port(
+        model: Annotated[str, typer.Argument(metavar="MODEL", help="A model .safetensors path or a run name (RUN, RUN:best, RUN:last).", show_default=False)],
+        onnx_path: Annotated[str | None, typer.Option("--onnx", help="Also export the dense model to this ONNX file (reloaded and checked).")] = None,
+        data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset name or folder: adds accuracy before/after.")] = None,
+        clips: Annotated[int, typer.Option("--clips", min=1, help="Clips per test video for the accuracy rows.")] = 1,
+        name: NameOpt = None,
+        fmt: FormatOpt = Format.table,
+    ) -> None:
+        """Bake magnitude masks or VIB gates into a dense model with the dead channels removed.
 
-        raise NotImplementedYet("`vcc port` is not implemented yet")
+        The dense model must reproduce the masked model's outputs (max abs diff printed; error
+        above 1e-4 in fp32). A model with nothing to remove ports to an equal artefact (exit 0).
+        Writes runs/NAME/model.safetensors (default NAME: port-<model>).
+        """
+        from pathlib import Path
+
+        from vcc.commands._common import log, render, workspace
+        from vcc.core.artefact import load_model, provenance, save_model
+        from vcc.core.compress import compare_table
+        from vcc.core.compress.port import export_onnx, port_model
+        from vcc.core.compress.prune import count_macs
+        from vcc.core.errors import UsageError
+        from vcc.core.evaluate import evaluate, measure_latency
+        from vcc.core.report import Report, Table
+        from vcc.core.workspace import atomic_dir
+
+        ws = workspace()
+        model_path = ws.resolve_model(model)
+        data_path = ws.resolve_dataset(data) if data else None
+        stem = Path(model).name.removesuffix(".safetensors") if model_path.name == Path(model).name else model.split(":")[0]
+        run_name = name or ws.unique_run_name(f"port-{stem}".replace("/", "-"))
+        run_dir = ws.run_dir(run_name)
+        if run_dir.exists():
+            raise UsageError(f"run {run_name!r} already exists in {ws.runs_dir}; choose another --name")
+        net, meta = load_model(model_path)
+        dense, dense_meta, info = port_model(net, meta)
+
+        def summary(m, mt) -> dict:
+            macs, params = count_macs(m, mt)
+            d = {"params": params, "macs": macs, "latency_ms": round(measure_latency(m.cpu().eval(), mt, "cpu", batch=1, warmup=5, runs=10), 3)}
+            if data_path is not None:
+                r = evaluate(m, mt, data_path, split="test", clips=clips, device="cpu", latency_runs=1)
+                d["video_top1"], d["clip_top1"] = r["video_top1"], r["clip_top1"]
+            return d
+
+        before, after = summary(net, meta), summary(dense, dense_meta)
+        dense_meta.provenance = provenance(parent=model_path, metrics={**{k: v for k, v in after.items()}, "max_abs_diff": info.get("max_abs_diff")})
+        dense_meta.extra = {**dense_meta.extra, "port": {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, dict))}}
+        onnx_info = None
+        with atomic_dir(run_dir, replace=False) as tmp:
+            save_model(tmp / "model.safetensors", dense, dense_meta)
+            if onnx_path:
+                onnx_info = export_onnx(dense, dense_meta, onnx_path)
+        out_path = run_dir / "model.safetensors"
+        log(f"saved {out_path}")
+        if onnx_info:
+            log(f"saved ONNX {onnx_info['path']} ({onnx_info['nodes']} nodes, onnx.checker passed)")
+        diff = info.get("max_abs_diff")
+        doc = {"run": run_name, "model": str(out_path), "source": str(model_path), "kind": info.get("kind", "vib"),
+               "changed": bool(info.get("changed", True)), "max_abs_diff": diff, "removed": info.get("removed"),
+               "before": before, "after": after, "onnx": onnx_info, "info": info}
+        tables = [compare_table(before, after, title=f"vcc port: {model} -> {run_name}")]
+        removed = info.get("removed") or {}
+        if isinstance(removed, dict) and removed:
+            tables.append(Table(["layer (group root)", "channels removed"], [[k, v] for k, v in removed.items()], title="Removed channels"))
+        notes = []
+        if diff is not None:
+            notes.append(f"max |dense - masked| output difference: {diff:.3g} (limit 1e-4, fp32)")
+        if info.get("note"):
+            notes.append(str(info["note"]))
+        render(Report(doc, tables, notes), fmt)

@@ -1,0 +1,31 @@
+"""Compression: channel pruning (rank, prune, sensitivity, schedules), magnitude masks, port, VIB.
+
+Light on import: submodules load torch and Torch-Pruning when used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+COMPARE_ROWS = (
+    ("params", "params"),
+    ("nonzero_params", "non-zero params"),
+    ("macs", "MACs"),
+    ("latency_ms", "CPU latency ms (batch 1)"),
+    ("video_top1", "video top-1"),
+    ("clip_top1", "clip top-1"),
+)
+
+
+def compare_table(before: dict[str, Any], after: dict[str, Any], title: str = "before -> after"):
+    """A Table of metric, before, after, after/before for the keys both summaries have."""
+    from vcc.core.report import Table
+
+    t = Table(["metric", "before", "after", "after/before"], title=title)
+    for key, label in COMPARE_ROWS:
+        if key not in before and key not in after:
+            continue
+        b, a = before.get(key, before.get("params") if key == "nonzero_params" else None), after.get(key)
+        ratio = round(a / b, 4) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+        t.add(label, b, a, ratio)
+    return t

@@ -1,0 +1,162 @@
+"""`port`: turn a masked or gated model into a dense, physically smaller one.
+
+Dispatch on the model's wrappers: ``"vib"`` -> :func:`vcc.core.compress.vib.port_vib`;
+``"masks"`` (element-wise magnitude masks) -> bake the masks into the weights, then remove,
+through the same DepGraph surgery as structured pruning, every coupled channel group whose
+filters are all zero *and* whose removal leaves the outputs unchanged (a zero filter followed by
+BN is a constant channel, removable only when a ReLU clamps that constant to zero). A model with
+no wrappers has nothing to remove and ports to an equal copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vcc.core.compress.prune import clone
+from vcc.core.errors import VccError
+
+TOLERANCE = 1e-4
+
+
+def max_abs_diff(a: nn.Module, b: nn.Module, meta: Any, batch: int = 2, seed: int = 0) -> float:
+    """Largest |a(x) - b(x)| over a random batch at the model's input spec (eval mode, fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, meta.frames, meta.size, meta.size, generator=g)
+    with torch.no_grad():
+        ya, yb = a.eval()(x), b.eval()(x)
+    if isinstance(ya, (list, tuple)):
+        return max(float((p - q).abs().max()) for p, q in zip(ya, yb, strict=False))
+    return float((ya - yb).abs().max())
+
+
+def _zero_channels(model: nn.Module, group: Any) -> list[int]:
+    """Root channels of `group` whose filters (and biases) are zero in every coupled conv."""
+    mods = dict(model.named_modules())
+    dead = []
+    for j, ch in enumerate(group.channels):
+        ok = bool(group.members)
+        for conv, idxs in group.members.items():
+            i = idxs[j]
+            m = mods[conv]
+            if i < 0:
+                continue
+            if bool(m.weight[i].detach().abs().max() > 0) or (m.bias is not None and float(m.bias[i].abs()) > 0):
+                ok = False
+                break
+        if ok:
+            dead.append(ch)
+    return dead
+
+
+def remove_dead_channels(model: nn.Module, meta: Any, tol: float = 1e-6) -> tuple[nn.Module, dict[str, int]]:
+    """A copy of `model` without the zero-filter channel groups whose removal is exact."""
+    from vcc.core.compress.prune import Surgeon, example_input
+
+    probe = Surgeon(clone(model).cpu().eval(), example_input(meta))
+    probe.finish()
+    candidates = {gi: _zero_channels(probe.model, g) for gi, g in enumerate(probe.groups)}
+    candidates = {gi: ch for gi, ch in candidates.items() if ch and len(ch) < probe.groups[gi].size}
+    if not candidates:
+        return clone(model), {}
+
+    def attempt(plan: dict[int, list[int]]) -> nn.Module | None:
+        trial = clone(model).cpu().eval()
+        s = Surgeon(trial, example_input(meta))
+        s.prune(plan)
+        return trial if max_abs_diff(model, trial, meta) <= tol else None
+
+    result = attempt(candidates)
+    if result is not None:
+        return result, {probe.groups[gi].root: len(ch) for gi, ch in candidates.items()}
+    accepted: dict[int, list[int]] = {}
+    for gi, ch in candidates.items():
+        if attempt({**accepted, gi: ch}) is not None:
+            accepted[gi] = ch
+    if not accepted:
+        return clone(model), {}
+    result = attempt(accepted)
+    if result is None:  # should not happen: every accepted part was exact
+        return clone(model), {}
+    return result, {probe.groups[gi].root: len(ch) for gi, ch in accepted.items()}
+
+
+def port_model(model: nn.Module, meta: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(dense_model, dense_meta, info) for a masked (``"masks"``) or gated (``"vib"``) model.
+
+    info: kind, changed, removed ({root layer: channels}), max_abs_diff, note. Raises VccError
+    when the dense model's outputs differ from the masked model's by more than 1e-4 (fp32).
+    """
+    names = [w.get("name") for w in meta.wrappers]
+    if "vib" in names:
+        from vcc.core.compress.vib import port_vib
+
+        model = model.cpu().float().eval()
+        dense, dense_meta, info = port_vib(model, meta)
+        diff = max_abs_diff(model, dense, meta)
+        if diff > TOLERANCE:
+            raise VccError(f"ported model differs from the gated model by {diff:.3g} (> {TOLERANCE:g}); nothing written")
+        return dense, dense_meta, {"kind": "vib", "changed": True, **info, "max_abs_diff": diff}
+    model = model.cpu().float().eval()
+    if "masks" not in names:
+        dense = clone(model)
+        return dense, meta.child(), {
+            "kind": "none",
+            "changed": False,
+            "removed": {},
+            "max_abs_diff": max_abs_diff(model, dense, meta),
+            "note": "nothing to remove: the model has no masks or gates (already dense)",
+        }
+    from vcc.core.compress.magnitude import bake, sparsity_of
+
+    sparsity = sparsity_of(model)
+    baked = bake(clone(model))
+    dense, removed = remove_dead_channels(baked, meta)
+    diff = max_abs_diff(model, dense, meta)
+    if diff > TOLERANCE:
+        raise VccError(f"ported model differs from the masked model by {diff:.3g} (> {TOLERANCE:g}); nothing written")
+    dense_meta = meta.child(wrappers=[w for w in meta.wrappers if w.get("name") != "masks"])
+    n = sum(removed.values())
+    note = (
+        f"baked masks ({sparsity['masked_fraction']:.1%} of masked weights are zero) and removed {n} channels"
+        if n else f"baked masks ({sparsity['masked_fraction']:.1%} zeros); no whole channel could be removed exactly"
+    )
+    return dense, dense_meta, {
+        "kind": "masks",
+        "changed": True,
+        "removed": removed,
+        "max_abs_diff": diff,
+        "masked_fraction": sparsity["masked_fraction"],
+        "note": note,
+    }
+
+
+def export_onnx(model: nn.Module, meta: Any, path: str | Path) -> dict[str, Any]:
+    """Export to ONNX (legacy TorchScript exporter), reload and run onnx.checker; atomic."""
+    try:
+        import onnx
+    except ImportError as exc:  # pragma: no cover - onnx is a dependency
+        raise VccError("ONNX export needs the 'onnx' package") from exc
+    from vcc.core.workspace import atomic_path
+
+    path = Path(path)
+    x = torch.randn(1, 3, meta.frames, meta.size, meta.size)
+    model = model.cpu().eval()
+    with atomic_path(path) as tmp:
+        try:
+            torch.onnx.export(
+                model, (x,), str(tmp), dynamo=False, input_names=["clip"], output_names=["logits"],
+                dynamic_axes={"clip": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+            )
+            proto = onnx.load(str(tmp))
+            onnx.checker.check_model(proto)
+        except VccError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise VccError(f"ONNX export failed: {first[:300]}") from exc
+    return {"path": str(path), "bytes": path.stat().st_size, "opset": 17, "checked": True,
+            "nodes": len(proto.graph.node)}
