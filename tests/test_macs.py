@@ -224,7 +224,7 @@ def test_cli_json_is_the_only_stdout() -> None:
     assert sum(r["macs"] for r in doc["layers"]) == doc["macs"] > 0
     assert all(set(r) == {"name", "type", "macs", "params"} for r in doc["layers"])
     assert doc["uncounted"] == []
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr == ""  # fvcore's and the jit tracer's warnings are silenced
 
 
 def test_cli_options_and_formats() -> None:
