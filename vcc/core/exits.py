@@ -137,7 +137,10 @@ class MultiExit(nn.Module):
         if bool((F.softmax(out.float(), dim=1).amax(1) > self._threshold).all()):
             raise _Stop(out, index)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, all_exits: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """The backbone's logits; with `all_exits` the list of every exit's (goes through DDP too)."""
+        if all_exits:
+            return self.forward_exits(x)
         return self.backbone(x)
 
     def forward_exits(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -426,7 +429,7 @@ def exit_criterion(
     """
 
     def criterion(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        outs = model.forward_exits(x)
+        outs = model(x, all_exits=True)  # through the call, so DDP / compile wrappers see it
         ics, final = outs[:-1], outs[-1].detach()
         if kd == "ce" or not schedule:
             loss = sum(F.cross_entropy(o, y) for o in ics) / len(ics)
