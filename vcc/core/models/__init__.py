@@ -1,5 +1,15 @@
 """The model zoo. Importing this package registers every arch family."""
 
+# Families register themselves on import (one file per family).
+from vcc.core.models import (  # noqa: E402,F401
+    c3d,
+    cnn_lstm,
+    csn,
+    lstm_e2e,
+    mobilenetv2_3d,
+    resnet3d,
+    torchvision_video,
+)
 from vcc.core.models.registry import (
     ModelSpec,
     apply_wrappers,
@@ -9,9 +19,6 @@ from vcc.core.models.registry import (
     register_model,
     register_wrapper,
 )
-
-# Families register themselves on import (one file per family).
-from vcc.core.models import resnet3d  # noqa: E402,F401
 
 __all__ = [
     "ModelSpec",
