@@ -18,7 +18,7 @@ runner = CliRunner()
 
 NON_CNN = {"cnn_lstm", "lstm_e2e"}
 # Small enough for the default run; the rest of the zoo runs under -m slow.
-FAST = {"r3d_tiny": {}, "resnet3d_10": {"shortcut": "A", "base_width": 8}, "ir_csn_26": {}, "mobilenetv2_3d": {"width_mult": 0.25}}
+FAST = {"r3d_tiny": {}, "resnet3d_10": {"shortcut": "A", "base_width": 8}, "mobilenetv2_3d": {"width_mult": 0.25}}
 SMALL_OPTS = {"c3d": {"fc_dim": 64}, "resnet3d_50": {"base_width": 8}, "resnet3d_101": {"base_width": 8},
               "resnet3d_18": {"base_width": 8}, "resnet3d_34": {"base_width": 8}}
 
@@ -160,11 +160,11 @@ def test_agp_schedule() -> None:
 
 
 def test_cli_prune_bad_input_writes_nothing(ws, tiny_model: Path) -> None:
-    res = runner.invoke(app, ["prune", str(tiny_model), "--method", "l1", "--ratio", "1.5", "--name", "bad"])
+    res = runner.invoke(app, ["prune", "--latency-runs", "2", str(tiny_model), "--method", "l1", "--ratio", "1.5", "--name", "bad"])
     assert res.exit_code == 2 and "--ratio must be in (0, 1)" in res.output
-    res = runner.invoke(app, ["prune", str(tiny_model), "--method", "l1", "--target-macs", "0.0001", "--name", "bad"])
+    res = runner.invoke(app, ["prune", "--latency-runs", "2", str(tiny_model), "--method", "l1", "--target-macs", "0.0001", "--name", "bad"])
     assert res.exit_code == 1 and "unreachable" in res.output
-    res = runner.invoke(app, ["prune", str(tiny_model), "--method", "l1", "--name", "bad"])
+    res = runner.invoke(app, ["prune", "--latency-runs", "2", str(tiny_model), "--method", "l1", "--name", "bad"])
     assert res.exit_code == 2 and "exactly one of --ratio" in res.output
     assert not (ws.runs_dir / "bad").exists()
     leftovers = list(ws.runs_dir.glob(".bad*")) if ws.runs_dir.exists() else []
@@ -174,7 +174,7 @@ def test_cli_prune_bad_input_writes_nothing(ws, tiny_model: Path) -> None:
 def test_cli_prune_taylor_target_macs_with_finetune(ws, tiny_model: Path, tiny_synthetic: Path) -> None:
     """The one finetuning run of this file: taylor ranking, half the MACs, 1 epoch, accuracy columns."""
     res = runner.invoke(app, [
-        "prune", str(tiny_model), "--method", "taylor", "--target-macs", "0.5", "--data", str(tiny_synthetic),
+        "prune", "--latency-runs", "2", str(tiny_model), "--method", "taylor", "--target-macs", "0.5", "--data", str(tiny_synthetic),
         "--batches", "2", "--batch-size", "4", "--finetune-epochs", "1", "--workers", "0", "--device", "cpu",
         "--name", "half", "--format", "json",
     ])
@@ -193,7 +193,7 @@ def test_cli_prune_taylor_target_macs_with_finetune(ws, tiny_model: Path, tiny_s
 
 
 def test_magnitude_masks_survive_training_and_reload(ws, tiny_model: Path, tmp_path: Path) -> None:
-    res = runner.invoke(app, ["prune", str(tiny_model), "--method", "magnitude", "--sparsity", "0.6", "--steps", "2",
+    res = runner.invoke(app, ["prune", "--latency-runs", "2", str(tiny_model), "--method", "magnitude", "--sparsity", "0.6", "--steps", "2",
                               "--name", "mag", "--format", "json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -232,6 +232,6 @@ def test_prune_refuses_wrapped_models(ws, tiny_model: Path, tmp_path: Path) -> N
     from vcc.core.compress.prune import clone
 
     path = save_model(tmp_path / "masked.safetensors", clone(model), meta)
-    res = runner.invoke(app, ["prune", str(path), "--method", "l1", "--ratio", "0.3", "--name", "x"])
+    res = runner.invoke(app, ["prune", "--latency-runs", "2", str(path), "--method", "l1", "--ratio", "0.3", "--name", "x"])
     assert res.exit_code == 2 and "vcc port" in res.output
     assert not (ws.runs_dir / "x").exists()

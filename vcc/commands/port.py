@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         onnx_path: Annotated[str | None, typer.Option("--onnx", help="Also export the dense model to this ONNX file (reloaded and checked).")] = None,
         data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset name or folder: adds accuracy before/after.")] = None,
         clips: Annotated[int, typer.Option("--clips", min=1, help="Clips per test video for the accuracy rows.")] = 1,
+        latency_runs: Annotated[int, typer.Option("--latency-runs", min=1, help="Timed CPU forward passes (median reported).")] = 10,
         name: NameOpt = None,
         fmt: FormatOpt = Format.table,
     ) -> None:
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
 
         def summary(m, mt) -> dict:
             macs, params = count_macs(m, mt)
-            d = {"params": params, "macs": macs, "latency_ms": round(measure_latency(m.cpu().eval(), mt, "cpu", batch=1, warmup=5, runs=10), 3)}
+            d = {"params": params, "macs": macs, "latency_ms": round(measure_latency(m.cpu().eval(), mt, "cpu", batch=1, warmup=min(5, latency_runs), runs=latency_runs), 3)}
             if data_path is not None:
                 r = evaluate(m, mt, data_path, split="test", clips=clips, device="cpu", latency_runs=1)
                 d["video_top1"], d["clip_top1"] = r["video_top1"], r["clip_top1"]

@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Batch size for ranking, finetuning and evaluation.")] = 8,
         eval_clips: Annotated[int, typer.Option("--eval-clips", min=1, help="Clips per test video for the accuracy columns.")] = 1,
         workers: Annotated[int, typer.Option("--workers", min=0, help="Data loader workers.")] = 1,
+        latency_runs: Annotated[int, typer.Option("--latency-runs", min=1, help="Timed CPU forward passes for the latency rows (median).")] = 10,
         device: DeviceOpt = "auto",
         name: NameOpt = None,
         fmt: FormatOpt = Format.table,
@@ -96,7 +97,7 @@ def register(app: typer.Typer) -> None:
             job = PruneJob(
                 method=method_l, ratio=ratio, target_macs=target_macs, scope=scope, steps=steps,
                 finetune_epochs=finetune_epochs, ignore=list(ignore or []), ranking=ranking, batches=batches,
-                sparsity=sparsity, sparsity_csv=sparsity_csv, eval_clips=eval_clips, train=cfg,
+                sparsity=sparsity, sparsity_csv=sparsity_csv, eval_clips=eval_clips, latency_runs=latency_runs, train=cfg,
             )
             job.validate()
             with atomic_dir(run_dir, replace=False) as tmp:

@@ -88,13 +88,14 @@ def read_sparsity_csv(path: str | Path) -> dict[str, float]:
 
 
 def apply_magnitude(model: nn.Module, meta: Any, sparsity: float | dict[str, float], *,
-                    ignore: list[str] | None = None) -> tuple[nn.Module, Any, dict[str, float]]:
+                    ignore: list[str] | None = None, layers: list[str] | None = None) -> tuple[nn.Module, Any, dict[str, float]]:
     """Mask the smallest-magnitude weights of each layer (in place): returns (model, meta, achieved).
 
     `sparsity` is one fraction for every candidate layer, or a dict layer -> fraction. Existing
     masks are kept (a weight once masked stays masked), so repeated calls follow a schedule.
+    `layers` (default: :func:`candidate_layers`) are the maskable layers.
     """
-    layers = candidate_layers(model, meta, ignore)
+    layers = layers if layers is not None else candidate_layers(model, meta, ignore)
     if isinstance(sparsity, dict):
         unknown = sorted(set(sparsity) - set(layers))
         if unknown:

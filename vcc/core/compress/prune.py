@@ -98,6 +98,7 @@ class ChannelGroup:
     root: str
     channels: list[int]
     members: dict[str, list[int]] = field(default_factory=dict)
+    inputs: dict[str, list[int]] = field(default_factory=dict)  # layer -> input channels lost per root channel
 
     @property
     def size(self) -> int:
@@ -200,14 +201,19 @@ class Surgeon:
                 continue
             group = self.DG.get_pruning_group(m, self._out_fn(m), free)
             members: dict[str, dict[int, int]] = {}
+            inputs: dict[str, dict[int, int]] = {}
             blocked = False
             for item in group:
                 dep, idxs = item.dep, item.idxs
                 tm = dep.target.module
-                if not isinstance(tm, nn.Module) or not self.DG.is_out_channel_pruning_fn(dep.handler):
-                    continue
-                tname = self.names.get(tm)
+                tname = self.names.get(tm) if isinstance(tm, nn.Module) else None
                 if tname is None:
+                    continue
+                if not self.DG.is_out_channel_pruning_fn(dep.handler):
+                    if _is_param_layer(tm) and self.DG.is_in_channel_pruning_fn(dep.handler):
+                        imap = inputs.setdefault(tname, {})
+                        for r in item.root_idxs:
+                            imap[int(r)] = imap.get(int(r), 0) + 1
                     continue
                 if _is_param_layer(tm):
                     covered.setdefault(tname, set()).update(idxs)
@@ -224,12 +230,62 @@ class Surgeon:
                     root=name,
                     channels=free,
                     members={k: [v.get(r, -1) for r in free] for k, v in members.items()},
+                    inputs={k: [v.get(r, 0) for r in free] for k, v in inputs.items()},
                 )
             )
         return groups
 
     def _out_fn(self, m: nn.Module):
         return self.DG.get_pruner_of_module(m).prune_out_channels
+
+    # -- MAC estimates (conv/linear MACs from shapes; no surgery needed)
+
+    def positions(self, example: torch.Tensor) -> dict[str, int]:
+        """Output positions (N*T*H*W, or rows for linear) per conv/linear, from one forward pass."""
+        pos: dict[str, int] = {}
+        hooks = []
+        for name, m in self.modules.items():
+            if _is_param_layer(m):
+                def fn(mod: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+                    if isinstance(out, torch.Tensor):
+                        pos[name] = out.numel() // max(1, _out_channels(mod))
+                hooks.append(m.register_forward_hook(fn))
+        try:
+            with torch.no_grad():
+                self.model.eval()(example)
+        finally:
+            for h in hooks:
+                h.remove()
+        self._positions = pos
+        return pos
+
+    def estimate_macs(self, removals: dict[int, list[int]]) -> int:
+        """Conv + linear MACs after removing `removals` (call :meth:`positions` first)."""
+        out_lost: dict[str, int] = {}
+        in_lost: dict[str, int] = {}
+        for gi, chans in removals.items():
+            g = self.groups[gi]
+            sel = set(chans)
+            js = [j for j, c in enumerate(g.channels) if c in sel]
+            for conv, idxs in g.members.items():
+                out_lost[conv] = out_lost.get(conv, 0) + sum(1 for j in js if idxs[j] >= 0)
+            for layer, counts in g.inputs.items():
+                in_lost[layer] = in_lost.get(layer, 0) + sum(counts[j] for j in js)
+        total = 0
+        for name, p in self._positions.items():
+            m = self.modules[name]
+            if _is_conv(m):
+                cout, cin, groups = m.out_channels, m.in_channels, m.groups
+                kvol = int(torch.tensor(m.kernel_size).prod())
+                o = cout - out_lost.get(name, 0)
+                if groups == cout == cin and groups > 1:  # depthwise: inputs follow outputs
+                    total += p * o * kvol
+                else:
+                    i = cin - in_lost.get(name, 0)
+                    total += p * o * (i // groups if groups > 1 else i) * kvol
+            else:
+                total += p * (m.out_features - out_lost.get(name, 0)) * (m.in_features - in_lost.get(name, 0))
+        return int(total)
 
     # -- surgery
 
@@ -450,53 +506,56 @@ def group_sizes(model: nn.Module, meta: Any, ignore: list[str] | None = None) ->
 
 def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], target: float, *,
                   scope: str = "global", ignore: list[str] | None = None, base_macs: int | None = None,
-                  ratio_of: dict[str, int] | None = None, tol: float = 0.005, progress: Progress = None) -> PruneOutcome:
-    """Prune until MACs <= `target` x `base_macs` (default: the model's own), by bisection on the ratio."""
+                  ratio_of: dict[str, int] | None = None, tol: float = 1e-3, progress: Progress = None) -> PruneOutcome:
+    """Prune until MACs <= `target` x `base_macs` (default: the model's own MACs).
+
+    The ratio is found by bisection on a MAC estimate computed from layer shapes (no surgery per
+    probe), then the model is pruned once and measured with count_macs; if the measured MACs
+    still miss the goal the ratio is nudged up.
+    """
     if not 0.0 < target < 1.0 + 1e-9:
         raise UsageError(f"--target-macs must be in (0, 1), got {target}")
+    cur_macs, cur_params = count_macs(model, meta)
     if base_macs is None:
-        base_macs, _ = count_macs(model, meta)
+        base_macs = cur_macs
     goal = target * base_macs
-    cur_macs, _ = count_macs(model, meta)
     if cur_macs <= goal:
-        return PruneOutcome(clone(model).cpu().eval(), 0.0, {}, cur_macs, count_params(model))
-    lo, hi = 0.0, 0.99
-    best = prune_channels(model, meta, scores, hi, scope=scope, ignore=ignore, ratio_of=ratio_of)
-    if best.macs > goal:
+        return PruneOutcome(clone(model).cpu().eval(), 0.0, {}, cur_macs, cur_params)
+    probe = Surgeon(clone(model).cpu().eval(), example_input(meta), ignore)
+    probe.finish()
+    probe.positions(example_input(meta))
+    est0 = probe.estimate_macs({})
+    other = cur_macs - est0  # MACs outside conv/linear weights (if any), assumed fixed
+    gscores = group_scores(probe.groups, scores, normalise=(scope == "global"))
+    base = [max(g.size, (ratio_of or {}).get(g.root, g.size)) for g in probe.groups]
+
+    def est(r: float) -> int:
+        return other + probe.estimate_macs(plan(probe.groups, gscores, r, scope, base))
+
+    hi = 0.999
+    if est(hi) > goal:
         raise VccError(
-            f"MACs target {target:g} is unreachable for {meta.arch}: pruning 99% of the prunable channels "
-            f"still leaves {best.macs / base_macs:.3f} of the MACs (the rest is in unprunable layers)"
+            f"MACs target {target:g} is unreachable for {meta.arch}: even keeping one channel per group leaves "
+            f"{est(hi) / base_macs:.3f} of the MACs (the rest is in layers that cannot be pruned)"
         )
-    it = 0
-    while hi - lo > tol and it < 14:
-        it += 1
+    lo = 0.0
+    while hi - lo > tol:
         mid = (lo + hi) / 2
-        out = prune_channels(model, meta, scores, mid, scope=scope, ignore=ignore, ratio_of=ratio_of)
-        if progress:
-            progress("search ratio", it, 14, {"ratio": round(mid, 4), "macs": round(out.macs / base_macs, 4)})
-        if out.macs <= goal:
-            hi, best = mid, out
+        if est(mid) <= goal:
+            hi = mid
         else:
             lo = mid
-    return best
-
-
-__all__ = [
-    "METHODS",
-    "ChannelGroup",
-    "PruneOutcome",
-    "Surgeon",
-    "check_prunable",
-    "count_macs",
-    "count_params",
-    "example_input",
-    "group_scores",
-    "group_sizes",
-    "plan",
-    "prunable_layers",
-    "prune_channels",
-    "prune_to_macs",
-]
+    r = hi
+    for attempt in range(6):
+        out = prune_channels(model, meta, scores, r, scope=scope, ignore=ignore, ratio_of=ratio_of)
+        if progress:
+            progress("target MACs", attempt + 1, None, {"ratio": round(r, 4), "macs": round(out.macs / base_macs, 4)})
+        if out.macs <= goal or r >= 0.999:
+            break
+        r = min(0.999, r + max(tol, (1 - r) * 0.02))
+    if out.macs > goal:
+        raise VccError(f"MACs target {target:g} is unreachable for {meta.arch}: got {out.macs / base_macs:.3f} at ratio {r:.3f}")
+    return out
 
 
 # ---------------------------------------------------------------- the whole `vcc prune` job
@@ -556,7 +615,7 @@ def summarise(model: nn.Module, meta: Any, data: Any, job: PruneJob, progress: P
 
         doc["nonzero_params"] = sparsity_of(model)["nonzero_params"]
     model = model.cpu().eval()
-    doc["latency_ms"] = round(measure_latency(model, meta, "cpu", batch=1, warmup=5, runs=job.latency_runs), 3)
+    doc["latency_ms"] = round(measure_latency(model, meta, "cpu", batch=1, warmup=min(5, job.latency_runs), runs=job.latency_runs), 3)
     if data is not None:
         dev = job.train.device if job.train is not None else "cpu"
         res = evaluate(model, meta, data, split="test", clips=job.eval_clips, device=dev, progress=progress, latency_runs=1)
@@ -613,6 +672,7 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
     history: list[dict[str, Any]] = []
     orig_sizes = None
     ranking_scores = None
+    mag_layers = None
     if job.method != "magnitude":
         orig_sizes = group_sizes(model, meta, job.ignore)
         if job.ranking:
@@ -627,7 +687,11 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
             target = read_sparsity_csv(job.sparsity_csv) if job.sparsity_csv else float(job.sparsity)
             frac = agp_targets(1.0, job.steps)[t - 1]
             step_target = {k: v * frac for k, v in target.items()} if isinstance(target, dict) else target * frac
-            model, meta, achieved = apply_magnitude(model, meta, step_target, ignore=job.ignore)
+            if mag_layers is None:
+                from vcc.core.compress.magnitude import candidate_layers
+
+                mag_layers = candidate_layers(model, meta, job.ignore)
+            model, meta, achieved = apply_magnitude(model, meta, step_target, ignore=job.ignore, layers=mag_layers)
             record = {"step": t, "sparsity": step_target if not isinstance(step_target, dict) else None,
                       "masked_fraction": sum(achieved.values()) / max(1, len(achieved))}
         else:

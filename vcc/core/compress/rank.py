@@ -89,7 +89,7 @@ def gradient_scores(model: nn.Module, meta: Any, data: Any, layers: list[str], m
                     sums[n] += per_ch.abs() if method == "taylor" else per_ch
                 done += 1
                 if progress:
-                    progress("rank", done, batches, {"loss": float(loss)})
+                    progress("rank", done, batches, {"loss": float(loss.detach())})
             if done == 0:
                 raise VccError("no batches to rank with")
     finally:

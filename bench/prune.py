@@ -1,0 +1,180 @@
+"""Structured pruning end to end: train r3d_tiny, prune to half the MACs, finetune, compare.
+
+Usage: python bench/prune.py [--quick] [--model PATH] [--epochs N] [--finetune-epochs N] [--workspace DIR]
+
+On the synthetic default dataset: trains r3d_tiny (or takes --model), then for each method
+(taylor, l1, and a plain Torch-Pruning baseline: tp.importance.MagnitudeImportance with its own
+BasePruner, per-layer ratio searched for the same MACs) prunes to --target-macs of the MACs,
+finetunes and evaluates video top-1. Measures CPU latency at batch 1 of the unpruned and the
+taylor-pruned model (interleaved, median of --latency-runs). Prints one JSON document with the
+goals: top-1 within 1 point of the unpruned model; latency speedup >= 0.8 x the MACs reduction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def tp_magnitude_prune(model, meta, target: float, base_macs: int):
+    """Torch-Pruning's own pruner + MagnitudeImportance(p=2), per-layer ratio bisected to `target` MACs."""
+    import torch
+    import torch_pruning as tp
+
+    from vcc.core.compress.prune import count_macs, example_input
+
+    def attempt(ratio: float):
+        m = copy.deepcopy(model).cpu().eval()
+        pruner = tp.pruner.BasePruner(
+            m, example_input(meta), importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio, ignored_layers=[m.fc], global_pruning=False,
+        )
+        pruner.step()
+        with torch.no_grad():
+            m(example_input(meta))
+        return m, count_macs(m, meta)[0]
+
+    lo, hi = 0.0, 0.95
+    best = attempt(hi)
+    while hi - lo > 0.005:
+        mid = (lo + hi) / 2
+        m, macs = attempt(mid)
+        if macs <= target * base_macs:
+            hi, best = mid, (m, macs)
+        else:
+            lo = mid
+    return best[0], best[1], hi
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny run (small dataset, 2+1 epochs): checks the pipeline, not the goals")
+    ap.add_argument("--model", default=None, help="a trained r3d_tiny-like artefact to start from (skips training)")
+    ap.add_argument("--epochs", type=int, default=12, help="training epochs of the unpruned model")
+    ap.add_argument("--finetune-epochs", type=int, default=4)
+    ap.add_argument("--target-macs", type=float, default=0.5)
+    ap.add_argument("--scope", default="global")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--finetune-lr", type=float, default=0.01)
+    ap.add_argument("--batches", type=int, default=8, help="taylor ranking batches")
+    ap.add_argument("--eval-clips", type=int, default=3)
+    ap.add_argument("--latency-runs", type=int, default=30)
+    ap.add_argument("--methods", default="taylor,l1,tp-magnitude")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workspace", default=None, help="keep artefacts here (default: a temp dir)")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(2)
+    from vcc.core.artefact import ModelMeta, input_spec, load_model, save_model
+    from vcc.core.compress.prune import count_macs, prune_to_macs
+    from vcc.core.compress.rank import rank
+    from vcc.core.data.manifest import load_dataset
+    from vcc.core.data.synthetic import prepare_synthetic
+    from vcc.core.evaluate import evaluate, measure_latency
+    from vcc.core.models import build_model
+    from vcc.core.training import TrainConfig, fit
+    from vcc.core.workspace import Workspace
+
+    tmp = tempfile.TemporaryDirectory(prefix="vcc-bench-prune-")
+    ws = Workspace(Path(args.workspace or tmp.name))
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    ds_opts = {"classes": 4, "videos_per_class": 8, "frames": 16, "size": 32} if args.quick else {}
+    if args.quick:
+        args.epochs, args.finetune_epochs, args.batches, args.eval_clips, args.latency_runs = 2, 1, 2, 1, 10
+    res = prepare_synthetic(ws, name="bench-prune" + ("-quick" if args.quick else ""), **ds_opts)
+    info = load_dataset(res.path)
+    timings["prepare_s"] = time.perf_counter() - t0
+    common = {"frames": 8, "size": 32, "batch_size": 8, "workers": args.workers, "device": "cpu", "seed": 0}
+
+    t = time.perf_counter()
+    if args.model:
+        base_path = Path(args.model)
+    else:
+        torch.manual_seed(0)
+        model = build_model("r3d_tiny", len(info.classes))
+        meta = ModelMeta(arch="r3d_tiny", num_classes=len(info.classes), classes=list(info.classes), input=input_spec(8, 32))
+        fr = fit(model, meta, info, TrainConfig(epochs=args.epochs, lr=args.lr, **common), ws.run_dir("base", create=True))
+        base_path = fr.model_path
+    timings["train_s"] = time.perf_counter() - t
+    base, meta = load_model(base_path)
+    base_macs, base_params = count_macs(base, meta)
+    base_eval = evaluate(base, meta, info, split="test", clips=args.eval_clips, device="cpu", workers=args.workers, latency_runs=1)
+    base.cpu()
+
+    results: dict[str, dict] = {}
+    pruned_models: dict[str, torch.nn.Module] = {}
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        t = time.perf_counter()
+        if method == "tp-magnitude":
+            pm, macs, ratio = tp_magnitude_prune(base, meta, args.target_macs, base_macs)
+            detail = {"ratio_per_layer": round(ratio, 4)}
+        else:
+            scores = rank(base, meta, method, data=info, batches=args.batches, batch_size=8)
+            base.cpu()
+            out = prune_to_macs(base, meta, scores, args.target_macs, scope=args.scope)
+            pm, macs, detail = out.model, out.macs, {"ratio": round(out.ratio, 4), "removed": out.removed}
+        prune_s = time.perf_counter() - t
+        no_ft = evaluate(pm, meta, info, split="test", clips=args.eval_clips, device="cpu", workers=args.workers, latency_runs=1)
+        pm.cpu()
+        t = time.perf_counter()
+        pmeta = meta.child()
+        ft = fit(pm, pmeta, info, TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, warmup=0, **common),
+                 ws.run_dir(f"ft-{method}", create=True))
+        tuned, tmeta = load_model(ft.model_path)
+        ft_s = time.perf_counter() - t
+        ev = evaluate(tuned, tmeta, info, split="test", clips=args.eval_clips, device="cpu", workers=args.workers, latency_runs=1)
+        tuned.cpu()
+        save_model(ws.run_dir(f"ft-{method}") / "pruned.safetensors", tuned, tmeta)
+        pruned_models[method] = tuned
+        results[method] = {
+            "macs": macs, "macs_fraction": round(macs / base_macs, 4), "params": sum(p.numel() for p in tuned.parameters()),
+            "video_top1_before_finetune": no_ft["video_top1"], "video_top1": ev["video_top1"], "clip_top1": ev["clip_top1"],
+            "top1_gap_points": round(100 * (base_eval["video_top1"] - ev["video_top1"]), 2),
+            "prune_s": round(prune_s, 1), "finetune_s": round(ft_s, 1), **detail,
+        }
+
+    # latency: interleave unpruned and pruned measurements to share the machine's noise
+    lat: dict[str, list[float]] = {"base": [], **{k: [] for k in pruned_models}}
+    for _ in range(3):
+        lat["base"].append(measure_latency(base.cpu(), meta, "cpu", batch=1, warmup=5, runs=args.latency_runs))
+        for k, m in pruned_models.items():
+            lat[k].append(measure_latency(m.cpu(), meta, "cpu", batch=1, warmup=5, runs=args.latency_runs))
+    lat_ms = {k: round(min(v), 3) for k, v in lat.items()}
+    for k in pruned_models:
+        speedup = lat_ms["base"] / lat_ms[k]
+        reduction = base_macs / results[k]["macs"]
+        results[k].update({"latency_ms": lat_ms[k], "speedup": round(speedup, 3), "macs_reduction": round(reduction, 3),
+                           "speedup_over_macs_reduction": round(speedup / reduction, 3)})
+    taylor = results.get("taylor")
+    out = {
+        "bench": "prune",
+        "quick": args.quick,
+        "setup": {"arch": "r3d_tiny", "frames": 8, "size": 32, "dataset": {"classes": len(info.classes), **res.counts},
+                  "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "target_macs": args.target_macs,
+                  "scope": args.scope, "eval_clips": args.eval_clips, "threads": torch.get_num_threads(),
+                  "latency": f"min over 3 interleaved rounds of the median of {args.latency_runs} batch-1 CPU forwards"},
+        "unpruned": {"macs": base_macs, "params": base_params, "video_top1": base_eval["video_top1"],
+                     "clip_top1": base_eval["clip_top1"], "latency_ms": lat_ms["base"]},
+        "methods": results,
+        "goals": None if taylor is None else {
+            "taylor_top1_within_1pt": taylor["top1_gap_points"] <= 1.0,
+            "taylor_speedup_ge_0.8x_macs_reduction": taylor["speedup_over_macs_reduction"] >= 0.8,
+        },
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "total_s": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
