@@ -1,14 +1,124 @@
-"""`vcc prepare` (not built yet)."""
+"""`vcc prepare`: turn a dataset on disk (or a generated one) into a workspace dataset."""
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import typer
+
+from vcc.commands._common import (
+    Format,
+    FormatOpt,
+    NameOpt,
+    ProgressHook,
+    progress,
+    render,
+    workspace,
+)
+
+MinFramesOpt = Annotated[int, typer.Option("--min-frames", min=1, help="Skip videos shorter than this many frames.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=1, max=32, help="Videos probed at once.")]
+RootOpt = Annotated[str, typer.Option("--root", help="Folder holding the videos.", show_default=False)]
+
+
+def _run(fn: Any, fmt: Any, /, **kwargs: Any) -> None:
+    from vcc.core.data.manifest import PrepareResult
+    from vcc.core.report import Report, Table
+
+    with progress() as prog:
+        res: PrepareResult = fn(workspace(), progress=ProgressHook(prog), **kwargs)
+    doc = res.doc()
+    summary = Table(["dataset", "classes", "train", "test", "skipped", "folder"], title="Prepared dataset")
+    summary.add(res.name, len(res.classes), res.counts.get("train", 0), res.counts.get("test", 0), len(res.skipped), str(res.path))
+    tables = [summary]
+    notes: list[str] = []
+    if res.skipped:
+        shown = res.skipped[:20]
+        skipped = Table(["path", "reason"], [[s["path"], s["reason"]] for s in shown], title=f"Skipped videos ({len(res.skipped)})")
+        tables.append(skipped)
+        if len(res.skipped) > len(shown):
+            notes.append(f"... and {len(res.skipped) - len(shown)} more (all are listed in {res.path}/dataset.json and by --format json)")
+    render(Report(doc, tables, notes), fmt)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("prepare", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def prepare(ctx: typer.Context) -> None:
-        """Not implemented yet."""
-        from vcc.core.errors import NotImplementedYet
+    sub = typer.Typer(
+        no_args_is_help=True,
+        help="Prepare a dataset into the workspace: probe every video, skip bad ones with a reason, write a manifest.",
+    )
 
-        raise NotImplementedYet("`vcc prepare` is not implemented yet")
+    @sub.command("ucf101")
+    def ucf101(
+        root: RootOpt,
+        splits: Annotated[str, typer.Option("--splits", help="The official ucfTrainTestlist folder (classInd.txt, trainlist0N.txt, testlist0N.txt).", show_default=False)],
+        split: Annotated[int, typer.Option("--split", min=1, max=3, help="Official split 1, 2 or 3.")] = 1,
+        name: NameOpt = None,
+        min_frames: MinFramesOpt = 8,
+        workers: WorkersOpt = 4,
+        fmt: FormatOpt = Format.table,
+    ) -> None:
+        """UCF101: UCF-101/<Class>/v_<Class>_gXX_cYY.avi with the official split lists (labels in classInd.txt order)."""
+        from vcc.core.data.prepare import prepare_ucf101
+
+        _run(prepare_ucf101, fmt, root=root, splits=splits, split=split, name=name, min_frames=min_frames, workers=workers)
+
+    @sub.command("hmdb51")
+    def hmdb51(
+        root: RootOpt,
+        splits: Annotated[str, typer.Option("--splits", help="The testTrainMulti_7030_splits folder (<class>_test_split<N>.txt).", show_default=False)],
+        split: Annotated[int, typer.Option("--split", min=1, max=3, help="Official split 1, 2 or 3.")] = 1,
+        name: NameOpt = None,
+        min_frames: MinFramesOpt = 8,
+        workers: WorkersOpt = 4,
+        fmt: FormatOpt = Format.table,
+    ) -> None:
+        """HMDB51: <class>/<video>.avi with the official 70/30 split lists (1 train, 2 test, 0 unused)."""
+        from vcc.core.data.prepare import prepare_hmdb51
+
+        _run(prepare_hmdb51, fmt, root=root, splits=splits, split=split, name=name, min_frames=min_frames, workers=workers)
+
+    @sub.command("ucf11")
+    def ucf11(
+        root: RootOpt,
+        fold: Annotated[int | None, typer.Option("--fold", min=1, max=25, help="Leave-one-group-out: test on group K only (1..25). Default: test on groups 21-25.")] = None,
+        name: NameOpt = None,
+        min_frames: MinFramesOpt = 8,
+        workers: WorkersOpt = 4,
+        fmt: FormatOpt = Format.table,
+    ) -> None:
+        """UCF11 (YouTube actions): <class>/v_<short>_<GG>/*.avi, split by group so no group is on both sides."""
+        from vcc.core.data.prepare import prepare_ucf11
+
+        _run(prepare_ucf11, fmt, root=root, fold=fold, name=name, min_frames=min_frames, workers=workers)
+
+    @sub.command("folder")
+    def folder(
+        root: RootOpt,
+        val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.95, help="Share of each class held out for test (ignored for train/ + test/ trees).")] = 0.2,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the per-class split.")] = 0,
+        name: NameOpt = None,
+        min_frames: MinFramesOpt = 8,
+        workers: WorkersOpt = 4,
+        fmt: FormatOpt = Format.table,
+    ) -> None:
+        """Any <class>/<video> tree (avi, mp4, mkv, webm, mpg, ...); classes sorted by name."""
+        from vcc.core.data.prepare import prepare_folder
+
+        _run(prepare_folder, fmt, root=root, val_ratio=val_ratio, seed=seed, name=name, min_frames=min_frames, workers=workers)
+
+    @sub.command("synthetic")
+    def synthetic(
+        classes: Annotated[int, typer.Option("--classes", min=2, max=10, help="Number of motion classes.")] = 8,
+        videos_per_class: Annotated[int, typer.Option("--videos-per-class", min=2, help="Videos per class (75% train, 25% test).")] = 24,
+        frames: Annotated[int, typer.Option("--frames", min=4, help="Frames per video.")] = 40,
+        size: Annotated[int, typer.Option("--size", min=16, help="Frame width and height in pixels (even).")] = 64,
+        seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same videos).")] = 0,
+        name: NameOpt = None,
+        fmt: FormatOpt = Format.table,
+    ) -> None:
+        """Generate the built-in motion dataset: shapes whose motion (not looks) gives the class."""
+        from vcc.core.data.synthetic import prepare_synthetic
+
+        _run(prepare_synthetic, fmt, name=name or "synthetic", classes=classes, videos_per_class=videos_per_class, frames=frames, size=size, seed=seed)
+
+    app.add_typer(sub, name="prepare", help="Prepare a dataset (ucf101, hmdb51, ucf11, folder, synthetic) into the workspace.")

@@ -1,9 +1,11 @@
 """A generated motion dataset: real encoded videos whose classes only motion tells apart.
 
-Every video shows a few shapes (random kind, size and colour) on a random textured
-background with per-frame noise. One shape moves; the others stay still. The class is how
-the moving shape moves (up, down, sideways, growing, ...). Shape, colour, background and
-position are drawn independently of the class, so a single frame does not give it away.
+Every video shows four shapes (random kind, size and colour) on a random textured background
+with per-frame noise. Three shapes move alike, one stays still. The class is how the shapes
+move (up, down, sideways, growing, ...). The appearance (background, shapes, colours, start
+position, speed) is drawn from the video's number alone, so video k of every class looks the
+same in any single frame: only motion tells the classes apart, and memorising a background
+teaches nothing about the label. Train and test videos have different appearances.
 
 All classes are invariant under a horizontal flip (sideways motion goes left or right at
 random, diagonals too), so the loader's random flip never changes a label.
@@ -40,6 +42,7 @@ MOTIONS = [
 ]
 DEFAULTS: dict[str, Any] = {"classes": 8, "videos_per_class": 24, "frames": 40, "size": 64, "seed": 0}
 TEST_FRACTION = 0.25
+MOVERS = 3  # moving shapes per video
 FPS = 25
 
 
@@ -66,7 +69,7 @@ def prepare_synthetic(
     if size < 16 or size % 2:
         raise UsageError(f"--size must be an even number >= 16, got {size}")
     folder = ws.dataset_dir(name)
-    options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 1}
+    options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 4}
     existing = _reuse(folder, options)
     if existing is not None:
         return existing
@@ -80,8 +83,7 @@ def prepare_synthetic(
         for label, motion in enumerate(class_names):
             (tmp / "videos" / motion).mkdir(parents=True, exist_ok=True)
             for k in range(videos_per_class):
-                rng = np.random.default_rng([seed, label, k])
-                video = render_video(motion, frames, size, rng)
+                video = render_video(motion, frames, size, np.random.default_rng([seed, k]), np.random.default_rng([seed, label, k]))
                 rel = Path("videos") / motion / f"{motion}_{k:03d}.avi"
                 encode_video(tmp / rel, video, fps=FPS)
                 split = "test" if k >= videos_per_class - n_test else "train"
@@ -119,7 +121,7 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     rows = coarse[i0] * (1 - f[..., None]) + coarse[np.minimum(i0 + 1, g - 1)] * f[..., None]
     f2 = f[None, :, :]
     bg = rows[:, i0] * (1 - f2) + rows[:, np.minimum(i0 + 1, g - 1)] * f2
-    bg += rng.normal(0, 12, size=(size, size, 1)).astype(np.float32)
+    bg += rng.normal(0, 8, size=(size, size, 1)).astype(np.float32)
     return bg
 
 
@@ -139,8 +141,14 @@ def _contrast_colour(bg_mean: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return (255.0 - bg_mean).astype(np.float32)
 
 
-def render_video(motion: str, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Render one video of class `motion`: uint8 (T, H, W, 3)."""
+def render_video(motion: str, frames: int, size: int, rng: np.random.Generator, noise_rng: np.random.Generator | None = None) -> np.ndarray:
+    """Render one video of class `motion`: uint8 (T, H, W, 3).
+
+    `rng` draws the appearance (background, shapes, colours, start, speed); `noise_rng` the
+    per-frame noise. `prepare_synthetic` seeds `rng` by video number only, so video k of every
+    class has the same appearance and only its motion differs.
+    """
+    noise_rng = noise_rng if noise_rng is not None else rng
     s = size / 64.0
     bg = _background(size, rng)
     bg_mean = bg.reshape(-1, 3).mean(0)
@@ -153,46 +161,52 @@ def render_video(motion: str, frames: int, size: int, rng: np.random.Generator) 
 
     # static distractors that look like the moving shape
     static = bg.copy()
-    for _ in range(int(rng.integers(1, 3))):
-        m = _shape_mask(int(rng.integers(0, 3)), *wrapped(*rng.uniform(0, size, 2)), float(rng.uniform(5, 8) * s))
+    for _ in range(1):
+        m = _shape_mask(int(rng.integers(0, 3)), *wrapped(*rng.uniform(0, size, 2)), float(rng.uniform(6, 9) * s))
         static[m] = _contrast_colour(bg_mean, rng)
 
-    kind = int(rng.integers(0, 3))
-    colour = _contrast_colour(bg_mean, rng)
-    r0 = float(rng.uniform(5.5, 8.5) * s)
-    cx0, cy0 = rng.uniform(0, size, 2)
-    speed = float(rng.uniform(2.0, 3.2) * s)
+    # the moving shapes: all follow the class's motion, each from its own start
+    movers = []
+    for _ in range(MOVERS):
+        movers.append(
+            {
+                "kind": int(rng.integers(0, 3)),
+                "colour": _contrast_colour(bg_mean, rng),
+                "r0": float(rng.uniform(6.0, 9.0) * s),
+                "c0": rng.uniform(0, size, 2),
+                "phase": float(rng.uniform(0, 2 * math.pi)),
+            }
+        )
+    speed = float(rng.uniform(3.0, 4.5) * s)
     sign = 1.0 if rng.random() < 0.5 else -1.0  # left or right: flip-invariant classes
-    phase = float(rng.uniform(0, 2 * math.pi))
-    rmin, rmax = 3.0 * s, 11.0 * s
-    grow_rate = float(rng.uniform(0.55, 0.8) * s)
+    rmin, rmax = 3.0 * s, 12.0 * s
+    grow_rate = float(rng.uniform(0.8, 1.1) * s)
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
     for t in range(frames):
-        cx, cy, r = cx0, cy0, r0
-        if motion == "up":
-            cy = cy0 - speed * t
-        elif motion == "down":
-            cy = cy0 + speed * t
-        elif motion == "sideways":
-            cx = cx0 + sign * speed * t
-        elif motion == "diagonal_up":
-            cx, cy = cx0 + sign * speed * t * 0.75, cy0 - speed * t * 0.75
-        elif motion == "diagonal_down":
-            cx, cy = cx0 + sign * speed * t * 0.75, cy0 + speed * t * 0.75
-        elif motion in ("grow", "shrink"):
-            span = rmax - rmin
-            off = (r0 - rmin + (grow_rate * t if motion == "grow" else -grow_rate * t)) % span
-            r = rmin + off
-        elif motion == "orbit":
-            a = phase + sign * t * 2 * math.pi / 12
-            rad = 9.0 * s
-            cx, cy = cx0 + rad * math.cos(a), cy0 + rad * math.sin(a)
-        elif motion == "shake":
-            cx = cx0 + 6.0 * s * math.sin(phase + t * 2 * math.pi / 6)
-        # "still": nothing moves
         frame = static.copy()
-        frame[_shape_mask(kind, *wrapped(cx, cy), r)] = colour
-        frame += rng.normal(0, 6, size=frame.shape).astype(np.float32)
+        for mv in movers:
+            (cx, cy), r, phase = mv["c0"], mv["r0"], mv["phase"]
+            if motion == "up":
+                cy = cy - speed * t
+            elif motion == "down":
+                cy = cy + speed * t
+            elif motion == "sideways":
+                cx = cx + sign * speed * t
+            elif motion == "diagonal_up":
+                cx, cy = cx + sign * speed * t * 0.75, cy - speed * t * 0.75
+            elif motion == "diagonal_down":
+                cx, cy = cx + sign * speed * t * 0.75, cy + speed * t * 0.75
+            elif motion in ("grow", "shrink"):
+                off = (r - rmin + (grow_rate * t if motion == "grow" else -grow_rate * t)) % (rmax - rmin)
+                r = rmin + off
+            elif motion == "orbit":
+                a = phase + sign * t * 2 * math.pi / 12
+                cx, cy = cx + 9.0 * s * math.cos(a), cy + 9.0 * s * math.sin(a)
+            elif motion == "shake":
+                cx = cx + 6.0 * s * math.sin(phase + t * 2 * math.pi / 6)
+            # "still": nothing moves
+            frame[_shape_mask(mv["kind"], *wrapped(cx, cy), r)] = mv["colour"]
+        frame += noise_rng.normal(0, 5, size=frame.shape).astype(np.float32)
         out[t] = np.clip(frame, 0, 255).astype(np.uint8)
     return out
 

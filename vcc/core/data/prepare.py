@@ -1,0 +1,413 @@
+"""Prepare public datasets (UCF101, HMDB51, UCF11) and any class-per-folder tree.
+
+Every prepare probes each listed video (bounded parallelism, cached by path/size/mtime),
+skips bad ones with a reason (missing, empty, undecodable, too short), and writes
+``datasets/<name>/`` (dataset.json + manifest.jsonl) atomically. Source videos stay where they are;
+the manifest holds their absolute paths.
+
+Label order:
+* UCF101: classInd.txt order (1-based), never sorted() (which would swap Hammering/HammerThrow).
+* HMDB51, UCF11, folder: class names sorted alphabetically (the datasets' usual order).
+
+UCF11 split: by group (``v_<class>_<GG>``), never one group on both sides. The default holds out
+groups 21-25 (:data:`UCF11_TEST_GROUPS`); ``fold=K`` (1..25) holds out group K only
+(25-fold leave-one-group-out).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vcc.core.data.manifest import PrepareResult, VideoEntry, write_dataset
+from vcc.core.data.probe import ProbeCache, probe_many
+from vcc.core.errors import UsageError, VccError
+from vcc.core.workspace import Workspace, atomic_dir, check_name
+
+__all__ = [
+    "PrepareResult",
+    "prepare_ucf101",
+    "prepare_hmdb51",
+    "prepare_ucf11",
+    "prepare_folder",
+    "VIDEO_EXTS",
+    "UCF11_TEST_GROUPS",
+]
+
+Progress = Callable[[str, int, "int | None", dict], None]
+VIDEO_EXTS = {".avi", ".mp4", ".mkv", ".webm", ".mpg", ".mpeg", ".mov", ".m4v", ".flv", ".wmv", ".3gp", ".ogv", ".ts"}
+UCF11_TEST_GROUPS = (21, 22, 23, 24, 25)
+DEFAULT_MIN_FRAMES = 8
+
+# a candidate video: (path or None when unresolved, listed name, label, split)
+Candidate = tuple[Path | None, str, int, str]
+
+
+# ---------------------------------------------------------------- path helpers
+
+
+class CaseInsensitiveTree:
+    """Resolves relative paths under `root` ignoring case (exact matches win)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._dirs: dict[Path, dict[str, str]] = {}
+
+    def _listing(self, d: Path) -> dict[str, str]:
+        if d not in self._dirs:
+            try:
+                names = os.listdir(d)
+            except OSError:
+                names = []
+            self._dirs[d] = {n.lower(): n for n in sorted(names, reverse=True)}
+        return self._dirs[d]
+
+    def resolve(self, rel: str) -> Path | None:
+        cur = self.root
+        for part in [p for p in re.split(r"[\\/]+", rel.strip()) if p not in ("", ".")]:
+            if (cur / part).exists():
+                cur = cur / part
+                continue
+            actual = self._listing(cur).get(part.lower())
+            if actual is None:
+                return None
+            cur = cur / actual
+        return cur
+
+
+def _find_child(root: Path, names: tuple[str, ...]) -> Path | None:
+    """The first child of `root` whose name matches one of `names` (ignoring case)."""
+    try:
+        children = {c.name.lower(): c for c in root.iterdir() if c.is_dir()}
+    except OSError:
+        return None
+    for n in names:
+        if n.lower() in children:
+            return children[n.lower()]
+    return None
+
+
+def _need_dir(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UsageError(f"{what} {str(path)!r} is not a directory")
+    return p
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Lines of a text list, tolerating CRLF, a BOM and Latin-1 bytes; blank lines dropped."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+# ---------------------------------------------------------------- the common tail
+
+
+def _build(
+    ws: Workspace,
+    name: str,
+    classes: list[str],
+    candidates: list[Candidate],
+    *,
+    source: str,
+    options: dict[str, Any],
+    min_frames: int,
+    workers: int | None,
+    progress: Progress | None,
+    skipped: list[dict[str, str]] | None = None,
+) -> PrepareResult:
+    check_name(name, "dataset name")
+    if min_frames < 1:
+        raise UsageError(f"--min-frames must be at least 1, got {min_frames}")
+    skipped = list(skipped or [])
+    seen: set[Path] = set()
+    to_probe: list[tuple[Path, int, str]] = []
+    for path, listed, label, split in candidates:
+        if path is None:
+            skipped.append({"path": listed, "reason": "missing"})
+            continue
+        if path in seen:
+            skipped.append({"path": str(path), "reason": "listed twice"})
+            continue
+        seen.add(path)
+        to_probe.append((path, label, split))
+    probes = probe_many([p for p, _, _ in to_probe], cache=ProbeCache.for_workspace(ws), workers=workers, progress=progress)
+    entries: list[VideoEntry] = []
+    for (path, label, split), pr in zip(to_probe, probes, strict=True):
+        if not pr.ok:
+            skipped.append({"path": str(path), "reason": pr.reason})
+        elif pr.n_frames < min_frames:
+            skipped.append({"path": str(path), "reason": f"too short ({pr.n_frames} frames < {min_frames})"})
+        else:
+            entries.append(VideoEntry(str(path.resolve()), label, split, pr.n_frames, pr.fps, pr.width, pr.height))
+    if not entries:
+        first = f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+        raise VccError(f"no usable videos found for {source} dataset {name!r}{first}")
+    options = {**options, "min_frames": min_frames}
+    with atomic_dir(ws.dataset_dir(name)) as tmp:
+        counts = write_dataset(tmp, name, classes, entries, source=source, options=options, skipped=skipped)
+    return PrepareResult(name, ws.dataset_dir(name), list(classes), counts, skipped)
+
+
+# ---------------------------------------------------------------- UCF101
+
+
+def _ucf_lists_dir(splits: Path) -> Path:
+    if (splits / "classInd.txt").is_file():
+        return splits
+    sub = _find_child(splits, ("ucfTrainTestlist",))
+    if sub is not None and (sub / "classInd.txt").is_file():
+        return sub
+    raise UsageError(f"no classInd.txt in {splits} (expected the official ucfTrainTestlist folder)")
+
+
+def parse_class_ind(path: Path) -> list[str]:
+    """Class names in classInd.txt order (1-based indices, any line endings)."""
+    by_index: dict[int, str] = {}
+    for ln in _read_lines(path):
+        parts = ln.split(None, 1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise VccError(f"{path}: bad line {ln!r} (expected 'INDEX ClassName')")
+        by_index[int(parts[0])] = parts[1].strip()
+    if sorted(by_index) != list(range(1, len(by_index) + 1)):
+        raise VccError(f"{path}: class indices are not 1..{len(by_index)}")
+    return [by_index[i] for i in range(1, len(by_index) + 1)]
+
+
+def prepare_ucf101(
+    ws: Workspace,
+    root: str | Path,
+    splits: str | Path,
+    *,
+    split: int = 1,
+    name: str | None = None,
+    min_frames: int = DEFAULT_MIN_FRAMES,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> PrepareResult:
+    """UCF101 from the archive (`UCF-101/<Class>/*.avi`) and the official `ucfTrainTestlist`."""
+    if split not in (1, 2, 3):
+        raise UsageError(f"--split must be 1, 2 or 3 for UCF101, got {split}")
+    root_dir = _need_dir(root, "--root")
+    lists = _ucf_lists_dir(_need_dir(splits, "--splits"))
+    video_root = _find_child(root_dir, ("UCF-101", "UCF101")) or root_dir
+    classes = parse_class_ind(lists / "classInd.txt")
+    lower = {c.lower(): i for i, c in enumerate(classes)}
+    tree = CaseInsensitiveTree(video_root)
+    candidates: list[Candidate] = []
+    skipped: list[dict[str, str]] = []
+    for split_name, fname in (("train", f"trainlist0{split}.txt"), ("test", f"testlist0{split}.txt")):
+        lf = lists / fname
+        if not lf.is_file():
+            raise UsageError(f"{fname} not found in {lists}")
+        for ln in _read_lines(lf):
+            parts = ln.split()
+            rel = parts[0]
+            folder = re.split(r"[\\/]", rel)[0]
+            if len(parts) > 1 and parts[1].isdigit():
+                label = int(parts[1]) - 1
+                if not 0 <= label < len(classes):
+                    skipped.append({"path": rel, "reason": f"label {parts[1]} not in classInd.txt"})
+                    continue
+            elif folder.lower() in lower:
+                label = lower[folder.lower()]
+            else:
+                skipped.append({"path": rel, "reason": f"class {folder!r} not in classInd.txt"})
+                continue
+            candidates.append((tree.resolve(rel), str(video_root / rel), label, split_name))
+    options = {"root": str(root_dir.resolve()), "splits": str(lists.resolve()), "split": split}
+    return _build(
+        ws, name or ("ucf101" if split == 1 else f"ucf101-split{split}"), classes, candidates,
+        source="ucf101", options=options, min_frames=min_frames, workers=workers, progress=progress, skipped=skipped,
+    )
+
+
+# ---------------------------------------------------------------- HMDB51
+
+
+def _hmdb_lists_dir(splits: Path, split: int) -> Path:
+    pat = f"*_test_split{split}.txt"
+    if any(splits.glob(pat)):
+        return splits
+    sub = _find_child(splits, ("testTrainMulti_7030_splits",))
+    if sub is not None and any(sub.glob(pat)):
+        return sub
+    raise UsageError(f"no *_test_split{split}.txt files in {splits} (expected testTrainMulti_7030_splits)")
+
+
+def prepare_hmdb51(
+    ws: Workspace,
+    root: str | Path,
+    splits: str | Path,
+    *,
+    split: int = 1,
+    name: str | None = None,
+    min_frames: int = DEFAULT_MIN_FRAMES,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> PrepareResult:
+    """HMDB51: `<root>/<class>/<name>.avi` and `<class>_test_split<N>.txt` lists (1 train, 2 test, 0 unused)."""
+    if split not in (1, 2, 3):
+        raise UsageError(f"--split must be 1, 2 or 3 for HMDB51, got {split}")
+    root_dir = _need_dir(root, "--root")
+    lists = _hmdb_lists_dir(_need_dir(splits, "--splits"), split)
+    suffix = f"_test_split{split}.txt"
+    files = {f.name[: -len(suffix)]: f for f in lists.iterdir() if f.name.endswith(suffix)}
+    classes = sorted(files)
+    if not classes:
+        raise UsageError(f"no *{suffix} files in {lists}")
+    video_root = root_dir
+    if _find_child(root_dir, tuple(classes)) is None:
+        video_root = _find_child(root_dir, ("hmdb51_org", "hmdb51")) or root_dir
+    tree = CaseInsensitiveTree(video_root)
+    candidates: list[Candidate] = []
+    skipped: list[dict[str, str]] = []
+    for label, cls in enumerate(classes):
+        for ln in _read_lines(files[cls]):
+            parts = ln.rsplit(None, 1)
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                skipped.append({"path": f"{cls}/{ln}", "reason": f"bad line in {files[cls].name}"})
+                continue
+            fname, tag = parts
+            if tag == "0":
+                continue
+            rel = f"{cls}/{fname}"
+            split_name = "train" if tag == "1" else "test"
+            candidates.append((_resolve_name(tree, cls, fname), str(video_root / rel), label, split_name))
+    options = {"root": str(root_dir.resolve()), "splits": str(lists.resolve()), "split": split}
+    return _build(
+        ws, name or ("hmdb51" if split == 1 else f"hmdb51-split{split}"), classes, candidates,
+        source="hmdb51", options=options, min_frames=min_frames, workers=workers, progress=progress, skipped=skipped,
+    )
+
+
+def _resolve_name(tree: CaseInsensitiveTree, cls: str, fname: str) -> Path | None:
+    """Resolve `<cls>/<fname>` where `fname` may hold any character except '/'."""
+    d = tree.resolve(cls)
+    if d is None:
+        return None
+    p = d / fname
+    if p.exists():
+        return p
+    actual = tree._listing(d).get(fname.lower())
+    return d / actual if actual else None
+
+
+# ---------------------------------------------------------------- UCF11
+
+_UCF11_RE = re.compile(r"_(\d{1,2})_(\d{1,3})$")
+
+
+def _ucf11_group(path: Path) -> int | None:
+    m = _UCF11_RE.search(path.stem)
+    if m:
+        return int(m.group(1))
+    m = re.search(r"_(\d{1,2})$", path.parent.name)
+    return int(m.group(1)) if m else None
+
+
+def prepare_ucf11(
+    ws: Workspace,
+    root: str | Path,
+    *,
+    fold: int | None = None,
+    test_groups: tuple[int, ...] = UCF11_TEST_GROUPS,
+    name: str | None = None,
+    min_frames: int = DEFAULT_MIN_FRAMES,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> PrepareResult:
+    """UCF11 (`action_youtube_naudio/<class>/v_<short>_<GG>/v_<short>_<GG>_<CC>.avi`), split by group.
+
+    Groups in `test_groups` (default 21-25) are the test split; `fold=K` tests on group K only.
+    """
+    if fold is not None and not 1 <= fold <= 25:
+        raise UsageError(f"--fold must be between 1 and 25, got {fold}")
+    root_dir = _need_dir(root, "--root")
+    video_root = _find_child(root_dir, ("action_youtube_naudio", "UCF11_updated_mpg", "UCF11")) or root_dir
+    held = {fold} if fold is not None else set(test_groups)
+    classes = sorted(c.name for c in video_root.iterdir() if c.is_dir() and not c.name.startswith("."))
+    if not classes:
+        raise UsageError(f"no class folders in {video_root}")
+    candidates: list[Candidate] = []
+    skipped: list[dict[str, str]] = []
+    for label, cls in enumerate(classes):
+        for path in sorted((video_root / cls).rglob("*")):
+            rel_parts = path.relative_to(video_root / cls).parts
+            if any(p.lower() == "annotation" for p in rel_parts) or path.suffix.lower() not in VIDEO_EXTS or not path.is_file():
+                continue
+            group = _ucf11_group(path)
+            if group is None:
+                skipped.append({"path": str(path), "reason": "no group number in the name (v_<class>_<GG>_<CC>)"})
+                continue
+            candidates.append((path, str(path), label, "test" if group in held else "train"))
+    options = {"root": str(root_dir.resolve()), "fold": fold, "test_groups": sorted(held)}
+    default = "ucf11" if fold is None else f"ucf11-fold{fold}"
+    return _build(
+        ws, name or default, classes, candidates,
+        source="ucf11", options=options, min_frames=min_frames, workers=workers, progress=progress, skipped=skipped,
+    )
+
+
+# ---------------------------------------------------------------- any folder
+
+
+def _class_videos(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith("."))
+
+
+def prepare_folder(
+    ws: Workspace,
+    root: str | Path,
+    *,
+    val_ratio: float = 0.2,
+    seed: int = 0,
+    name: str | None = None,
+    min_frames: int = DEFAULT_MIN_FRAMES,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> PrepareResult:
+    """Any `<root>/<class>/<video>` tree; `val_ratio` of each class (shuffled by `seed`) is the test split.
+
+    A tree with `train/<class>/...` and `test/<class>/...` (or `val/`) keeps its own split.
+    """
+    if not 0.0 <= val_ratio < 1.0:
+        raise UsageError(f"--val-ratio must be in [0, 1), got {val_ratio}")
+    root_dir = _need_dir(root, "--root")
+    train_dir = _find_child(root_dir, ("train",))
+    test_dir = _find_child(root_dir, ("test", "val", "validation"))
+    presplit = train_dir is not None and test_dir is not None
+    candidates: list[Candidate] = []
+    if presplit:
+        classes = sorted({c.name for d in (train_dir, test_dir) for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")})
+        for split_name, d in (("train", train_dir), ("test", test_dir)):
+            for label, cls in enumerate(classes):
+                if (d / cls).is_dir():
+                    candidates += [(p, str(p), label, split_name) for p in _class_videos(d / cls)]
+    else:
+        classes = sorted(c.name for c in root_dir.iterdir() if c.is_dir() and not c.name.startswith("."))
+        for label, cls in enumerate(classes):
+            vids = _class_videos(root_dir / cls)
+            order = list(range(len(vids)))
+            random.Random(f"{seed}/{cls}").shuffle(order)
+            n_test = int(round(len(vids) * val_ratio))
+            if val_ratio > 0 and len(vids) >= 2:
+                n_test = min(max(1, n_test), len(vids) - 1)
+            test_idx = set(order[:n_test])
+            candidates += [(p, str(p), label, "test" if i in test_idx else "train") for i, p in enumerate(vids)]
+    if not classes:
+        raise UsageError(f"no class folders in {root_dir} (expected <class>/<video> files)")
+    options = {"root": str(root_dir.resolve()), "val_ratio": None if presplit else val_ratio, "seed": seed, "presplit": presplit}
+    default = re.sub(r"[^A-Za-z0-9_.+-]", "-", root_dir.resolve().name).strip("-.") or "folder"
+    return _build(
+        ws, name or default, classes, candidates,
+        source="folder", options=options, min_frames=min_frames, workers=workers, progress=progress,
+    )

@@ -1,0 +1,152 @@
+"""Probing videos (opens, frame count, fps, size) with bounded parallelism and a cache.
+
+The cache maps (absolute path, size, mtime) to the probe result, so re-running a prepare only
+opens new or changed files. It lives in the workspace (``datasets/.probe-cache.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vcc.core.workspace import Workspace, atomic_write_text
+
+Progress = Callable[[str, int, "int | None", dict], None]
+CACHE_NAME = ".probe-cache.json"
+CACHE_VERSION = 1
+
+
+@dataclass
+class Probe:
+    """What probing one video found. `reason` is empty when the video is usable."""
+
+    n_frames: int = 0
+    fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+
+def probe_video(path: str | Path) -> Probe:
+    """Open `path` with decord (one thread) and read its first and last frames."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return Probe(reason="missing")
+    except OSError as exc:
+        return Probe(reason=f"unreadable: {exc.strerror or exc}")
+    if not p.is_file():
+        return Probe(reason="not a file")
+    if st.st_size == 0:
+        return Probe(reason="empty file (0 bytes)")
+    try:
+        import decord
+
+        vr = decord.VideoReader(str(p), num_threads=1)
+        n = len(vr)
+        if n <= 0:
+            return Probe(reason="undecodable: no video frames")
+        first = vr[0].shape
+        if n > 1:
+            vr[n - 1]
+        fps = float(vr.get_avg_fps() or 0.0)
+        return Probe(n_frames=n, fps=round(fps, 3), width=int(first[1]), height=int(first[0]))
+    except Exception as exc:  # noqa: BLE001 - decord raises its own types for every kind of bad file
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return Probe(reason=f"undecodable: {msg[:160]}")
+
+
+def _key(p: Path) -> str | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+class ProbeCache:
+    """Probe results keyed by path, size and mtime, stored as one JSON file."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.data: dict[str, dict[str, Any]] = {}
+        self.dirty = False
+        if path is not None and path.is_file():
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+                if doc.get("version") == CACHE_VERSION:
+                    self.data = dict(doc.get("entries") or {})
+            except (ValueError, OSError, AttributeError):
+                self.data = {}
+
+    @classmethod
+    def for_workspace(cls, ws: Workspace) -> ProbeCache:
+        return cls(ws.datasets_dir / CACHE_NAME)
+
+    def get(self, key: str | None) -> Probe | None:
+        if key is None or key not in self.data:
+            return None
+        try:
+            return Probe(**self.data[key])
+        except TypeError:
+            return None
+
+    def put(self, key: str | None, probe: Probe) -> None:
+        if key is None:
+            return
+        self.data[key] = asdict(probe)
+        self.dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        atomic_write_text(self.path, json.dumps({"version": CACHE_VERSION, "entries": self.data}) + "\n")
+        self.dirty = False
+
+
+def probe_many(
+    paths: list[Path],
+    *,
+    cache: ProbeCache | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> list[Probe]:
+    """Probe `paths` (results in the same order) with at most `workers` threads."""
+    results: list[Probe | None] = [None] * len(paths)
+    todo: list[tuple[int, str | None]] = []
+    for i, p in enumerate(paths):
+        key = _key(p)
+        hit = cache.get(key) if cache else None
+        if hit is not None:
+            results[i] = hit
+        else:
+            todo.append((i, key))
+    total = len(paths)
+    done = total - len(todo)
+    if progress:
+        progress("probe", done, total, {"cached": done})
+    n_workers = max(1, min(workers or min(4, os.cpu_count() or 1), len(todo) or 1))
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        futures = {pool.submit(probe_video, paths[i]): (i, key) for i, key in todo}
+        for fut in as_completed(futures):
+            i, key = futures[fut]
+            res = fut.result()
+            results[i] = res
+            if cache is not None and res.reason != "missing":
+                cache.put(key, res)
+            done += 1
+            if progress:
+                progress("probe", done, total, {})
+    if cache is not None:
+        cache.save()
+    return [r if r is not None else Probe(reason="not probed") for r in results]
