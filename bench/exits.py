@@ -50,12 +50,14 @@ def main() -> None:
     ap.add_argument("--options", default="{}", help="builder options as JSON")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--classes", type=int, default=6)
-    ap.add_argument("--videos-per-class", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=15, help="backbone training epochs")
-    ap.add_argument("--ic-epochs", type=int, default=6, help="IC training epochs (per KD mode)")
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--ic-lr", type=float, default=0.05)
+    ap.add_argument("--classes", type=int, default=8)
+    ap.add_argument("--videos-per-class", type=int, default=24)
+    ap.add_argument("--epochs", type=int, default=40, help="backbone training epochs")
+    ap.add_argument("--ic-epochs", type=int, default=12, help="IC training epochs (per KD mode)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="backbone AdamW lr")
+    ap.add_argument("--ic-lr", type=float, default=1e-2, help="IC AdamW lr")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--backbone", default=None, help="reuse a trained backbone artefact instead of training one")
     ap.add_argument("--lambda", dest="lam", type=float, default=1e-3)
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--thresholds", default="0:1:41")
@@ -72,7 +74,7 @@ def main() -> None:
     from vcc.core.artefact import ModelMeta, input_spec, load_model
     from vcc.core.data.manifest import load_dataset
     from vcc.core.data.synthetic import prepare_synthetic
-    from vcc.core.exits import exit_macs, train_exits
+    from vcc.core.exits import evaluate_early_exit, exit_macs, train_exits
     from vcc.core.models import build_model
     from vcc.core.training import TrainConfig, fit
     from vcc.core.wise import parse_thresholds, run_wise
@@ -82,7 +84,7 @@ def main() -> None:
     ws = Workspace(Path(args.workspace or tmp.name))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    res = prepare_synthetic(ws, name="bench-exits", classes=args.classes, videos_per_class=args.videos_per_class, frames=max(16, 2 * args.frames), size=max(32, args.size), seed=0)
+    res = prepare_synthetic(ws, name="bench-exits", classes=args.classes, videos_per_class=args.videos_per_class, seed=0)
     info = load_dataset(res.path)
     timings["prepare_s"] = time.perf_counter() - t0
 
@@ -90,9 +92,14 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(args.arch, len(info.classes), **options)
     meta = ModelMeta(arch=args.arch, num_classes=len(info.classes), options=options, classes=list(info.classes), input=input_spec(args.frames, args.size))
-    common = {"frames": args.frames, "size": args.size, "batch_size": 8, "workers": args.workers, "device": "cpu", "seed": 0}
+    common = {"frames": args.frames, "size": args.size, "batch_size": args.batch_size, "workers": args.workers, "device": "cpu", "seed": 0, "optimizer": "adamw", "weight_decay": 1e-4}
     t = time.perf_counter()
-    base = fit(model, meta, info, TrainConfig(epochs=args.epochs, lr=args.lr, **common), ws.run_dir("backbone", create=True))
+    if args.backbone:
+        base_path = Path(args.backbone)
+        base_top1 = None
+    else:
+        base = fit(model, meta, info, TrainConfig(epochs=args.epochs, lr=args.lr, **common), ws.run_dir("backbone", create=True))
+        base_path, base_top1 = base.model_path, base.best.get("val_video_top1")
     timings["backbone_train_s"] = time.perf_counter() - t
 
     ic_acc: dict[str, list[float]] = {}
@@ -100,7 +107,7 @@ def main() -> None:
     for kd in ("ce", "progressive"):
         t = time.perf_counter()
         cfg = TrainConfig(epochs=args.ic_epochs, lr=args.ic_lr, warmup=0, **common)
-        r = train_exits(base.model_path, info, cfg, ws.run_dir(f"exits-{kd}", create=True), kd=kd)
+        r = train_exits(base_path, info, cfg, ws.run_dir(f"exits-{kd}", create=True), kd=kd)
         timings[f"ic_train_{kd}_s"] = time.perf_counter() - t
         ic_acc[kd] = r.history[-1]["val_exit_top1"]
         paths[kd] = r.model_path
@@ -112,6 +119,15 @@ def main() -> None:
     ce_doc = run_wise(paths["ce"], info, ws.run_dir("wise-ce", create=True), lam=args.lam, iters=args.iters,
                       thresholds=parse_thresholds(args.thresholds), device="cpu", workers=args.workers)
     mmodel, mmeta = load_model(paths["progressive"])
+    t = time.perf_counter()
+    runtime = []
+    g = goals(doc)
+    beta = torch.tensor([row + [0.0] * (len(doc["wise_weights"]) - len(row)) for row in doc["wise_weights"]])
+    for label, thr, comb in (("vanilla", 0.0, None), ("vanilla", 0.9, None), ("wise", g["wise_best"]["threshold"], beta), ("vanilla", 1.1, None)):
+        r = evaluate_early_exit(mmodel, mmeta, info, threshold=thr, device="cpu", combine=comb)
+        runtime.append({"method": label, "threshold": thr, "accuracy": r["accuracy"], "latency_ms": round(r["latency_ms"], 2),
+                        "macs": r["macs"], "exits": [round(e["share"], 3) for e in r["exits"]]})
+    timings["runtime_s"] = time.perf_counter() - t
     out = {
         "bench": "exits",
         "quick": args.quick,
@@ -120,12 +136,13 @@ def main() -> None:
             "dataset": {"classes": len(info.classes), **info.counts}, "epochs": args.epochs, "ic_epochs": args.ic_epochs,
             "lambda": args.lam, "iters": args.iters, "threads": torch.get_num_threads(),
         },
-        "backbone_test_top1": base.history[-1].get("val_video_top1"),
+        "backbone_test_top1": base_top1,
         "exit_macs": exit_macs(mmodel, mmeta),
         "ic_test_top1": {"exits": [r["stage"] for r in doc["exits"]], **ic_acc},
         "full": doc["full"],
         "wise_weights": doc["wise_weights"],
-        "goals": goals(doc),
+        "goals": g,
+        "runtime_batch1": runtime,
         "goals_ce_ics": goals(ce_doc),
         "methods": doc["methods"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
