@@ -650,6 +650,10 @@ def evaluate_early_exit(
     model = model.to(dev).eval()
     table = exit_macs(model, meta)
     cum = [r["macs"] for r in table]
+    if combine is not None:  # the ensembles' weighted sums are work too
+        from vcc.core.wise import ensemble_macs
+
+        cum = ensemble_macs(cum, meta.num_classes, ensemble=True)
     loader = make_loader(info, split, train=False, frames=meta.frames, size=meta.size, batch_size=1, clips=clips)
     n_total = len(loader.dataset) if hasattr(loader, "dataset") else None
     probs: dict[int, torch.Tensor] = {}
@@ -690,5 +694,5 @@ def evaluate_early_exit(
         "macs_full": int(cum[-1]),
         "videos": len(probs),
         "clips": len(exit_idx),
-        "exits": [{**row, "share": c / len(exit_idx)} for row, c in zip(table, counts, strict=True)],
+        "exits": [{**row, "macs": m, "share": c / len(exit_idx)} for row, m, c in zip(table, cum, counts, strict=True)],
     }
