@@ -32,13 +32,13 @@ MOTIONS = [
     "up",
     "down",
     "sideways",
-    "grow",
-    "shrink",
+    "still",
     "diagonal_up",
     "diagonal_down",
-    "still",
     "orbit",
     "shake",
+    "grow",
+    "shrink",
 ]
 DEFAULTS: dict[str, Any] = {"classes": 8, "videos_per_class": 24, "frames": 40, "size": 64, "seed": 0}
 TEST_FRACTION = 0.25
@@ -69,7 +69,7 @@ def prepare_synthetic(
     if size < 16 or size % 2:
         raise UsageError(f"--size must be an even number >= 16, got {size}")
     folder = ws.dataset_dir(name)
-    options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 4}
+    options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 6}
     existing = _reuse(folder, options)
     if existing is not None:
         return existing
@@ -177,10 +177,10 @@ def render_video(motion: str, frames: int, size: int, rng: np.random.Generator, 
                 "phase": float(rng.uniform(0, 2 * math.pi)),
             }
         )
-    speed = float(rng.uniform(3.0, 4.5) * s)
+    speed = float(rng.uniform(1.5, 2.2) * s)
     sign = 1.0 if rng.random() < 0.5 else -1.0  # left or right: flip-invariant classes
-    rmin, rmax = 3.0 * s, 12.0 * s
-    grow_rate = float(rng.uniform(0.8, 1.1) * s)
+    rmin, rmax = 3.0 * s, 13.0 * s
+    grow_rate = float(rng.uniform(0.4, 0.55) * s)
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
     for t in range(frames):
         frame = static.copy()
@@ -200,10 +200,10 @@ def render_video(motion: str, frames: int, size: int, rng: np.random.Generator, 
                 off = (r - rmin + (grow_rate * t if motion == "grow" else -grow_rate * t)) % (rmax - rmin)
                 r = rmin + off
             elif motion == "orbit":
-                a = phase + sign * t * 2 * math.pi / 12
-                cx, cy = cx + 9.0 * s * math.cos(a), cy + 9.0 * s * math.sin(a)
+                a = phase + sign * t * 2 * math.pi / 20
+                cx, cy = cx + 9.0 * s * (math.cos(a) - math.cos(phase)), cy + 9.0 * s * (math.sin(a) - math.sin(phase))
             elif motion == "shake":
-                cx = cx + 6.0 * s * math.sin(phase + t * 2 * math.pi / 6)
+                cx = cx + 5.0 * s * (math.sin(phase + t * 2 * math.pi / 12) - math.sin(phase))
             # "still": nothing moves
             frame[_shape_mask(mv["kind"], *wrapped(cx, cy), r)] = mv["colour"]
         frame += noise_rng.normal(0, 5, size=frame.shape).astype(np.float32)
