@@ -63,7 +63,7 @@ class TinyCNN2D(nn.Sequential):
             cin = cout
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
         super().__init__(*layers)
-        self.out_features = cin
+        self.dim = cin
 
 
 def _resnet18() -> tuple[nn.Module, int]:
@@ -104,7 +104,7 @@ def _inception_v3() -> tuple[nn.Module, int]:
 
 def _tiny() -> tuple[nn.Module, int]:
     m = TinyCNN2D()
-    return m, m.out_features
+    return m, m.dim
 
 
 BACKBONES: dict[str, Callable[[], tuple[nn.Module, int]]] = {
