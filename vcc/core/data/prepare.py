@@ -123,7 +123,9 @@ def _build(
     workers: int | None,
     progress: Progress | None,
     skipped: list[dict[str, str]] | None = None,
+    split_auto: tuple[float, int] | None = None,
 ) -> PrepareResult:
+    """Probe, skip, split (entries with split "auto" when `split_auto=(val_ratio, seed)`), write."""
     check_name(name, "dataset name")
     if min_frames < 1:
         raise UsageError(f"--min-frames must be at least 1, got {min_frames}")
@@ -148,6 +150,8 @@ def _build(
             skipped.append({"path": str(path), "reason": f"too short ({pr.n_frames} frames < {min_frames})"})
         else:
             entries.append(VideoEntry(str(path.resolve()), label, split, pr.n_frames, pr.fps, pr.width, pr.height))
+    if split_auto is not None:
+        _assign_splits(entries, classes, *split_auto)
     if not entries:
         first = f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise VccError(f"no usable videos found for {source} dataset {name!r}{first}")
@@ -395,14 +399,7 @@ def prepare_folder(
     else:
         classes = sorted(c.name for c in root_dir.iterdir() if c.is_dir() and not c.name.startswith("."))
         for label, cls in enumerate(classes):
-            vids = _class_videos(root_dir / cls)
-            order = list(range(len(vids)))
-            random.Random(f"{seed}/{cls}").shuffle(order)
-            n_test = int(round(len(vids) * val_ratio))
-            if val_ratio > 0 and len(vids) >= 2:
-                n_test = min(max(1, n_test), len(vids) - 1)
-            test_idx = set(order[:n_test])
-            candidates += [(p, str(p), label, "test" if i in test_idx else "train") for i, p in enumerate(vids)]
+            candidates += [(p, str(p), label, "auto") for p in _class_videos(root_dir / cls)]
     if not classes:
         raise UsageError(f"no class folders in {root_dir} (expected <class>/<video> files)")
     options = {"root": str(root_dir.resolve()), "val_ratio": None if presplit else val_ratio, "seed": seed, "presplit": presplit}
@@ -410,4 +407,19 @@ def prepare_folder(
     return _build(
         ws, name or default, classes, candidates,
         source="folder", options=options, min_frames=min_frames, workers=workers, progress=progress,
+        split_auto=None if presplit else (val_ratio, seed),
     )
+
+
+def _assign_splits(entries: list[VideoEntry], classes: list[str], val_ratio: float, seed: int) -> None:
+    """Per class, a seeded shuffle puts round(n * val_ratio) usable videos (at least 1 of 2+) in test."""
+    for label, cls in enumerate(classes):
+        vids = [e for e in entries if e.label == label]
+        order = list(range(len(vids)))
+        random.Random(f"{seed}/{cls}").shuffle(order)
+        n_test = int(round(len(vids) * val_ratio))
+        if val_ratio > 0 and len(vids) >= 2:
+            n_test = min(max(1, n_test), len(vids) - 1)
+        test_idx = set(order[:n_test])
+        for i, e in enumerate(vids):
+            e.split = "test" if i in test_idx else "train"

@@ -1,0 +1,253 @@
+"""`vcc prepare` on generated UCF101 / HMDB51 / UCF11 / folder trees (real split lists, real videos)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import UCF_SPLITS, run_vcc
+from vcc.cli import app
+from vcc.core.data.manifest import load_dataset
+from vcc.core.data.prepare import (
+    UCF11_TEST_GROUPS,
+    prepare_folder,
+    prepare_hmdb51,
+    prepare_ucf11,
+    prepare_ucf101,
+)
+from vcc.core.data.probe import CACHE_NAME
+from vcc.core.data.synthetic import encode_video, render_video
+from vcc.core.errors import UsageError, VccError
+from vcc.core.workspace import Workspace
+
+UCF_CLASSES = ("ApplyEyeMakeup", "Hammering", "HammerThrow", "HandStandPushups")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real 10-frame 32 px MPEG-4 AVI that every tree links to."""
+    path = tmp_path_factory.mktemp("clip") / "clip.avi"
+    encode_video(path, render_video("up", 10, 32, np.random.default_rng(0)))
+    return path
+
+
+def _place(clip: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.link(clip, dest)
+
+
+def _bad_files(folder: Path, clip: Path) -> dict[str, str]:
+    """Zero-byte, truncated and not-a-video files; returns name -> expected reason prefix."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zero.avi").write_bytes(b"")
+    data = clip.read_bytes()
+    (folder / "truncated.avi").write_bytes(data[:200])
+    (folder / "text.avi").write_text("this is not a video\n" * 20)
+    return {"zero.avi": "empty file", "truncated.avi": "undecodable", "text.avi": "undecodable"}
+
+
+# ---------------------------------------------------------------- UCF101 with the real lists
+
+
+@pytest.fixture(scope="module")
+def ucf(tmp_path_factory: pytest.TempPathFactory, clip: Path) -> dict:
+    """A UCF-101 tree holding groups g01-g09 of four classes (archive spelling HandstandPushups)."""
+    base = tmp_path_factory.mktemp("ucf")
+    root = base / "UCF-101"
+    lines = []
+    for f in ("trainlist01.txt", "testlist01.txt"):
+        lines += (UCF_SPLITS / f).read_bytes().decode().splitlines()
+    made = []
+    for ln in lines:
+        rel = ln.split()[0]
+        cls = rel.split("/")[0]
+        if cls in UCF_CLASSES and re.search(r"_g0[1-9]_", rel):
+            folder = "HandstandPushups" if cls == "HandStandPushups" else cls
+            _place(clip, root / folder / rel.split("/")[1])
+            made.append(rel)
+    # three listed videos are broken
+    broken = sorted(r for r in made if r.startswith("ApplyEyeMakeup/") and "_g01_" in r)[:3]
+    for rel, (name, _) in zip(broken, _bad_files(base / "bad", clip).items(), strict=True):
+        (root / rel).unlink()
+        os.link(base / "bad" / name, root / rel)
+    ws = Workspace(base / "ws")
+    res = prepare_ucf101(ws, base, UCF_SPLITS, split=1)
+    return {"ws": ws, "res": res, "made": made, "broken": broken, "n_lines": len(lines), "root": root, "base": base}
+
+
+def test_ucf101_labels_follow_classind(ucf: dict) -> None:
+    res = ucf["res"]
+    assert res.name == "ucf101" and len(res.classes) == 101
+    assert res.classes[34:37] == ["Hammering", "HammerThrow", "HandStandPushups"]  # not sorted()
+    assert res.classes[46:48] == ["JumpingJack", "JumpRope"]
+    info = load_dataset(res.path)
+    assert len(info.entries) == len(ucf["made"]) - 3
+    for e in info.entries:
+        folder = Path(e.path).parent.name
+        assert folder.lower() == info.classes[e.label].lower()
+        assert e.n_frames == 10 and (e.width, e.height) == (32, 32)
+    assert {info.classes[e.label] for e in info.entries} == set(UCF_CLASSES)
+    hsp = [e for e in info.entries if info.classes[e.label] == "HandStandPushups"]
+    assert hsp and all("/HandstandPushups/" in e.path for e in hsp)  # case-insensitive resolution
+    assert info.counts["train"] > 0 and info.counts["test"] > 0  # split 1: test groups g01-g07
+
+
+def test_ucf101_reports_skipped(ucf: dict) -> None:
+    skipped = ucf["res"].skipped
+    reasons = {s["path"]: s["reason"] for s in skipped}
+    assert sum(r == "missing" for r in reasons.values()) == ucf["n_lines"] - len(ucf["made"])
+    bad = [(p, r) for p, r in reasons.items() if r != "missing"]
+    assert len(bad) == 3
+    assert sorted(r.split(" ")[0].rstrip(":") for _, r in bad) == ["empty", "undecodable", "undecodable"]
+
+
+def test_ucf101_cli_json_rerun_and_cache(ucf: dict) -> None:
+    ws: Workspace = ucf["ws"]
+    env = {"VCC_HOME": str(ws.root)}
+    args = ("prepare", "ucf101", "--root", str(ucf["base"]), "--splits", str(UCF_SPLITS), "--name", "u1", "--format", "json")
+    proc = run_vcc(*args, env=env, check=True, timeout=120)
+    doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
+    assert set(doc) == {"name", "classes", "counts", "skipped"}
+    assert doc["name"] == "u1" and doc["counts"] == ucf["res"].counts
+    assert {tuple(sorted(s)) for s in doc["skipped"]} == {("path", "reason")}
+    # the probe cache answers for unchanged files: poison one entry and see it used
+    cache_path = ws.datasets_dir / CACHE_NAME
+    cache = json.loads(cache_path.read_text())
+    victim = load_dataset(ws.dataset_dir("u1")).entries[0].path
+    key = next(k for k in cache["entries"] if k.startswith(victim + "|"))
+    cache["entries"][key]["n_frames"] = 999
+    cache_path.write_text(json.dumps(cache))
+    proc = run_vcc(*args, env=env, check=True, timeout=120)
+    assert json.loads(proc.stdout) == doc  # idempotent
+    assert load_dataset(ws.dataset_dir("u1")).entries[0].n_frames == 999
+    st = os.stat(victim)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # changed file: probed again
+    prepare_ucf101(ws, ucf["base"], UCF_SPLITS, name="u1")
+    assert load_dataset(ws.dataset_dir("u1")).entries[0].n_frames == 10
+    assert not [p for p in ws.datasets_dir.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+def test_ucf101_bad_arguments(ucf: dict, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="classInd"):
+        prepare_ucf101(ucf["ws"], ucf["base"], tmp_path)
+    proc = run_vcc("prepare", "ucf101", "--root", str(tmp_path / "nope"), "--splits", str(UCF_SPLITS), env={"VCC_HOME": str(tmp_path / "w")})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --root") and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- HMDB51
+
+HOSTILE = ["(Glide)_Cartwheel_&_more!!_f_cm_np1_le_med_0.avi", "It's_$HOME_`x`;rm_-rf_brush_hair_h_nm_np1_ri_goo_1.avi", "Ärger (2) brush_hair_u_cm_np1_fr_med_2.avi"]
+
+
+def test_hmdb51_split_files(tmp_path: Path, ws: Workspace, clip: Path) -> None:
+    root, lists = tmp_path / "hmdb51_org", tmp_path / "testTrainMulti_7030_splits"
+    lists.mkdir()
+    expected = {"train": 0, "test": 0}
+    for cls in ("brush_hair", "cartwheel", "ride_bike"):
+        lines = []
+        for i, tag in enumerate([1, 1, 2, 0, 1, 2]):
+            fname = HOSTILE[i % 3] if i < 3 else f"{cls}_video_{i}.avi"
+            fname = f"{cls}_{fname}"
+            _place(clip, root / cls / fname)
+            lines.append(f"{fname} {tag}" + " " * (i % 3))  # trailing spaces
+            if tag:
+                expected["train" if tag == 1 else "test"] += 1
+        (lists / f"{cls}_test_split1.txt").write_bytes(("\r\n" if cls == "ride_bike" else "\n").join(lines).encode() + b"\n")
+        (lists / f"{cls}_test_split2.txt").write_text("")
+    (lists / "ride_bike_test_split1.txt").write_text((lists / "ride_bike_test_split1.txt").read_text() + "gone.avi 2\n")
+    expected["test"] += 1  # listed but missing: skipped
+    res = prepare_hmdb51(ws, tmp_path, tmp_path)
+    assert res.classes == ["brush_hair", "cartwheel", "ride_bike"]
+    assert res.counts == {"train": expected["train"], "test": expected["test"] - 1}
+    assert [s["reason"] for s in res.skipped] == ["missing"] and res.skipped[0]["path"].endswith("gone.avi")
+    info = load_dataset(res.path)
+    names = {Path(e.path).name for e in info.entries}
+    assert f"brush_hair_{HOSTILE[1]}" in names and f"cartwheel_{HOSTILE[2]}" in names
+    assert all(Path(e.path).is_file() for e in info.entries)
+    with pytest.raises(VccError, match="no usable videos"):
+        prepare_hmdb51(ws, tmp_path, tmp_path, split=2)
+
+
+# ---------------------------------------------------------------- UCF11
+
+
+@pytest.fixture
+def ucf11_root(tmp_path: Path, clip: Path) -> Path:
+    root = tmp_path / "action_youtube_naudio"
+    for cls, short in (("basketball", "shooting"), ("biking", "biking")):
+        for g in (1, 2, 7, 21, 25):
+            for c in (1, 2):
+                _place(clip, root / cls / f"v_{short}_{g:02d}" / f"v_{short}_{g:02d}_{c:02d}.avi")
+        _place(clip, root / cls / "Annotation" / f"v_{short}_01_01.avi")  # ignored
+        (root / cls / "Annotation" / f"v_{short}_01_01.xgtf").write_text("<xml/>")
+    return tmp_path
+
+
+def _groups(info) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {"train": set(), "test": set()}
+    for e in info.entries:
+        out[e.split].add(int(re.search(r"_(\d\d)_\d\d\.avi$", e.path).group(1)))
+    return out
+
+
+def test_ucf11_group_split_and_folds(ucf11_root: Path, ws: Workspace) -> None:
+    res = prepare_ucf11(ws, ucf11_root)
+    info = load_dataset(res.path)
+    assert res.classes == ["basketball", "biking"] and res.name == "ucf11"
+    assert not any("Annotation" in e.path for e in info.entries)
+    g = _groups(info)
+    assert g == {"train": {1, 2, 7}, "test": {21, 25}} and {21, 25} <= set(UCF11_TEST_GROUPS)
+    res7 = prepare_ucf11(ws, ucf11_root, fold=7)
+    assert res7.name == "ucf11-fold7" and res7.counts == {"train": 16, "test": 4}
+    assert _groups(load_dataset(res7.path)) == {"train": {1, 2, 21, 25}, "test": {7}}
+    r = CliRunner().invoke(app, ["-w", str(ws.root), "prepare", "ucf11", "--root", str(ucf11_root), "--fold", "26"])
+    assert r.exit_code == 2
+
+
+# ---------------------------------------------------------------- any folder
+
+
+def test_folder_containers_val_ratio_and_corrupt(tmp_path: Path, ws: Workspace) -> None:
+    root = tmp_path / "my videos"
+    video = render_video("sideways", 12, 32, np.random.default_rng(1))
+    for cls, ext, codec in (("a", "mp4", "libx264"), ("b", "mkv", "mpeg4"), ("c", "webm", "libvpx"), ("d", "mpg", "mpeg1video")):
+        for i in range(5):
+            encode_video(root / cls / f"{cls}{i}.{ext}", video, codec=codec)
+    expected_bad = _bad_files(root / "a", root / "a" / "a0.mp4")
+    (root / "a" / "notes.txt").write_text("ignored")
+    r = CliRunner().invoke(app, ["-w", str(ws.root), "prepare", "folder", "--root", str(root), "--val-ratio", "0.4", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["name"] == "my-videos" and doc["classes"] == ["a", "b", "c", "d"]
+    assert doc["counts"] == {"train": 12, "test": 8}
+    got = {Path(s["path"]).name: s["reason"] for s in doc["skipped"]}
+    assert set(got) == set(expected_bad)
+    for name, prefix in expected_bad.items():
+        assert got[name].startswith(prefix), got
+    info = load_dataset(ws.dataset_dir("my-videos"))
+    assert {Path(e.path).suffix for e in info.entries} == {".mp4", ".mkv", ".webm", ".mpg"}
+    assert all(e.n_frames == 12 for e in info.entries)
+    # a failed prepare leaves the existing dataset untouched
+    empty = tmp_path / "empty"
+    (empty / "x").mkdir(parents=True)
+    (empty / "x" / "bad.avi").write_bytes(b"")
+    with pytest.raises(VccError, match="no usable videos"):
+        prepare_folder(ws, empty, name="my-videos")
+    assert load_dataset(ws.dataset_dir("my-videos")).counts == {"train": 12, "test": 8}
+
+
+def test_folder_presplit_and_min_frames(tmp_path: Path, ws: Workspace, clip: Path) -> None:
+    for split in ("train", "val"):
+        for cls in ("jump", "run"):
+            for i in range(2):
+                _place(clip, tmp_path / "t" / split / cls / f"{i}.avi")
+    res = prepare_folder(ws, tmp_path / "t")
+    assert res.classes == ["jump", "run"] and res.counts == {"train": 4, "test": 4}
+    with pytest.raises(VccError, match=r"too short \(10 frames < 11\)"):
+        prepare_folder(ws, tmp_path / "t", min_frames=11, name="short")  # the clips have 10 frames
