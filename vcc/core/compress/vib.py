@@ -401,8 +401,9 @@ def compression_summary(model: nn.Module) -> dict[str, Any]:
     return doc
 
 
-def _ratio(a: float, b: float) -> float:
-    return float(a) / float(b) if b else math.inf
+def _ratio(a: float, b: float) -> float | None:
+    """a / b, or None when nothing is left (keeps JSON output valid)."""
+    return float(a) / float(b) if b else None
 
 
 def _base_params(model: nn.Module) -> int:
@@ -604,8 +605,18 @@ def port_vib(model: nn.Module, meta) -> tuple[nn.Module, Any, dict[str, Any]]:
         if select:
             wrappers.append({"name": "vib_select", "options": {"index_size": int(dense.lstm.index.numel())}})
         info["compression"] = info["lstm_compression"]
+        info["removed"] = {"lstm.input": info["lstm_input_before"] - info["lstm_input_after"]}
+        for k, h in enumerate(info["lstm_hidden_after"]):
+            info["removed"][f"lstm.l{k}.hidden"] = info["lstm_hidden_before"] - h
+        comp = info["lstm_compression"]
+        info["note"] = (
+            f"VIB: LSTM {info['lstm_params_before']:,} -> {info['lstm_params_after']:,} params "
+            f"(4H(H+L)+8H; {comp:.1f}x fewer)" if comp is not None else "VIB: every LSTM unit was pruned"
+        )
     else:
         dense, info = _port_cnn(model, meta)
+        info["removed"] = {name: b - a for name, b, a, _ in info["channels"] if b != a}
+        info["note"] = f"VIB: folded channel gates and removed {sum(info['removed'].values())} channels through DepGraph"
     dense.eval()
     params_after = sum(p.numel() for p in dense.parameters())
     info.update(
@@ -639,8 +650,8 @@ def prune_vib(
     run_dir: str | Path,
     *,
     kml: float = 1.0,
-    ib_lr: float = 0.01,
-    kl_factor: float = 1e-4,
+    ib_lr: float = 0.02,
+    kl_factor: float = 2e-3,
     mask_threshold: float = 0.0,
     kml_layer: dict[str, float] | None = None,
     finetune: bool = False,
@@ -652,6 +663,8 @@ def prune_vib(
     `model_path` is any model artefact (trained or untrained; from scratch = untrained), gated or
     not. Gate parameters get their own learning rate `ib_lr` (no weight decay); the loss is
     cross-entropy on plain logits + kl_factor * sum_l kml_l * KL_l; noise is redrawn every forward.
+    Use AdamW (``cfg.optimizer="adamw"``, lr ~1e-3): its scale-free steps move mu/logD at
+    ~ib_lr per step; with SGD the KL gradients (~kl_factor) are too small to prune anything.
     `freeze_backbone` trains a cnn_lstm's LSTM and classifier only (the arch's ``freeze_backbone``
     option, recorded in the artefact: backbone frozen, BN statistics fixed).
     Saves the gated model as ``run_dir/model.safetensors`` (gates hard, so later fine-tuning keeps
@@ -709,7 +722,8 @@ def prune_vib(
         history.append({"epoch": epoch, **summ})
         kept = summ["kept"]
         short = {f"kept[{n}]": k for n, (k, _) in kept.items()}
-        return {"compression": round(summ["compression"], 3), **short}
+        comp = summ["compression"]
+        return {"compression": round(comp, 3) if comp is not None else None, **short}
 
     res = fit(model, meta, data, cfg, run_dir, criterion=criterion, param_groups=groups, epoch_hook=epoch_hook, progress=progress)
     last = Path(getattr(res, "last_path", None) or res.model_path)

@@ -1,0 +1,189 @@
+"""VIB compression benchmark: train a CNN-LSTM, VIB-compress its LSTM, port it dense, compare.
+
+Usage: python bench/vib.py [--quick] [--workspace DIR] [--arch cnn_lstm|lstm_e2e] [...]
+
+On the synthetic default dataset (generated into the workspace): train the model, run VIB
+(gates on the LSTM input features and on i, f, g, o; frozen backbone by default), fine-tune the
+weights under the frozen masks, port to a dense model with a standard nn.LSTM, and evaluate all
+of them. Prints one JSON document: video top-1 before/after, LSTM parameters before/after (the
+paper's 4H(H+L)+8H count), whole-model parameters, the dense-vs-gated max output difference,
+timings and the device. Goal (issue 6): LSTM parameters >= 20x fewer, video top-1 within 1 point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer videos and epochs (a smoke run)")
+    ap.add_argument("--workspace", default=None, help="workspace folder (default: a temporary one)")
+    ap.add_argument("--arch", default="cnn_lstm", choices=["cnn_lstm", "lstm_e2e"])
+    ap.add_argument("--backbone", default="tiny")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=15, help="baseline training epochs")
+    ap.add_argument("--vib-epochs", type=int, default=10)
+    ap.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning epochs under frozen masks (0: none)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="AdamW lr of the baseline")
+    ap.add_argument("--vib-lr", type=float, default=1e-3, help="AdamW weight lr during VIB and fine-tuning")
+    ap.add_argument("--ib-lr", type=float, default=0.02)
+    ap.add_argument("--kml", type=float, default=1.0)
+    ap.add_argument("--kl-factor", type=float, default=2e-3)
+    ap.add_argument("--end-to-end", action="store_true", help="train the cnn_lstm backbone during VIB too")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy shared CPU)")
+    ap.add_argument("--classes", type=int, default=None, help="synthetic classes (default: the dataset default)")
+    ap.add_argument("--videos-per-class", type=int, default=None)
+    args = ap.parse_args()
+
+    from vcc.core.artefact import ModelMeta, input_spec, load_model, save_model
+    from vcc.core.compress.vib import port_vib, prune_vib
+    from vcc.core.data.manifest import load_dataset
+    from vcc.core.data.synthetic import prepare_synthetic
+    from vcc.core.evaluate import evaluate
+    from vcc.core.models import build_model
+    from vcc.core.training import TrainConfig, fit, resolve_device
+    from vcc.core.workspace import Workspace
+
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    tmp = None
+    if args.workspace is None:
+        tmp = tempfile.TemporaryDirectory(prefix="vcc-bench-vib-")
+        root = Path(tmp.name)
+    else:
+        root = Path(args.workspace)
+    ws = Workspace(root)
+    device = resolve_device(args.device)
+    t_all = time.perf_counter()
+    synth = {"classes": 4, "videos_per_class": 8} if args.quick else {}
+    if args.classes:
+        synth["classes"] = args.classes
+    if args.videos_per_class:
+        synth["videos_per_class"] = args.videos_per_class
+    if args.quick:
+        args.epochs, args.vib_epochs, args.ft_epochs = 2, 2, 1
+    t0 = time.perf_counter()
+    dname = "synthetic" + "".join(f"-{k[0]}{v}" for k, v in synth.items())
+    res = prepare_synthetic(ws, name=dname, **synth)
+    info = load_dataset(res.path)
+    t_prepare = time.perf_counter() - t0
+
+    opts = {"backbone": args.backbone, "hidden_size": args.hidden} if args.arch == "cnn_lstm" else {"hidden_size": args.hidden}
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, num_classes=len(info.classes), **opts)
+    meta = ModelMeta(arch=args.arch, num_classes=len(info.classes), options=opts, classes=list(info.classes), input=input_spec(args.frames, args.size))
+    common = {"frames": args.frames, "size": args.size, "device": args.device, "seed": args.seed, "workers": 0, "batch_size": 8}
+
+    def cfg(epochs: int, lr: float, command: str) -> TrainConfig:
+        return TrainConfig(epochs=epochs, lr=lr, optimizer="adamw", weight_decay=1e-4, command=command, **common)
+
+    def acc(path: Path) -> dict:
+        m, mt = load_model(path, device=device)
+        r = evaluate(m, mt, info, split="test", clips=3, device=str(device))
+        return {"video_top1": r["video_top1"], "clip_top1": r["clip_top1"], "latency_ms": r.get("latency_ms")}
+
+    t0 = time.perf_counter()
+    base_dir = ws.run_dir("vib-base", create=True)
+    init = base_dir / "init.safetensors"
+    save_model(init, model, meta)
+    fit(model, meta, info, cfg(args.epochs, args.lr, "train"), base_dir)
+    base_path = base_dir / "last.safetensors"
+    t_train = time.perf_counter() - t0
+    base = acc(base_path)
+
+    t0 = time.perf_counter()
+    freeze = args.arch == "cnn_lstm" and not args.end_to_end
+    vib_dir = ws.run_dir("vib", create=True)
+    vib = prune_vib(base_path, info, cfg(args.vib_epochs, args.vib_lr, "prune"), vib_dir, kml=args.kml, ib_lr=args.ib_lr,
+                    kl_factor=args.kl_factor, mask_threshold=0.0, kml_layer={}, finetune=False, freeze_backbone=freeze, progress=None)
+    t_vib = time.perf_counter() - t0
+    gated_path = Path(vib["model_path"])
+    vib_acc = acc(gated_path)
+    ft_acc, t_ft = None, 0.0
+    if args.ft_epochs > 0:
+        t0 = time.perf_counter()
+        ft_dir = ws.run_dir("vib-ft", create=True)
+        ft = prune_vib(gated_path, info, cfg(args.ft_epochs, args.vib_lr, "finetune"), ft_dir, kml=args.kml, ib_lr=args.ib_lr,
+                       kl_factor=args.kl_factor, mask_threshold=0.0, kml_layer={}, finetune=True, freeze_backbone=freeze, progress=None)
+        t_ft = time.perf_counter() - t0
+        gated_path = Path(ft["model_path"])
+        ft_acc = acc(gated_path)
+
+    t0 = time.perf_counter()
+    gated, gmeta = load_model(gated_path, device="cpu")
+    dense, dmeta, pinfo = port_vib(gated, gmeta)
+    x = torch.randn(4, 3, args.frames, args.size, args.size)
+    with torch.no_grad():
+        diff = float((gated(x) - dense(x)).abs().max())
+    dense_path = ws.run_dir("vib-dense", create=True) / "model.safetensors"
+    save_model(dense_path, dense, dmeta)
+    t_port = time.perf_counter() - t0
+    dense_acc = acc(dense_path)
+
+    final = ft_acc or vib_acc
+    doc = {
+        "benchmark": "vib",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "quick": args.quick,
+        "dataset": {"name": info.name, "classes": len(info.classes), "train": len(info.split("train")), "test": len(info.split("test"))},
+        "model": {"arch": args.arch, **opts, "frames": args.frames, "size": args.size, "backbone_frozen_during_vib": freeze},
+        "settings": {"epochs": args.epochs, "vib_epochs": args.vib_epochs, "ft_epochs": args.ft_epochs, "lr": args.lr, "vib_lr": args.vib_lr,
+                     "ib_lr": args.ib_lr, "kml": args.kml, "kl_factor": args.kl_factor},
+        "base": base,
+        "vib": vib_acc,
+        "vib_finetuned": ft_acc,
+        "dense": dense_acc,
+        "chance_video_top1": round(1.0 / len(info.classes), 4),
+        "video_top1_drop_points": round(100 * (base["video_top1"] - dense_acc["video_top1"]), 2),
+        "kept": vib["kept"],
+        "lstm_params_before": pinfo["lstm_params_before"],
+        "lstm_params_after": pinfo["lstm_params_after"],
+        "lstm_compression": round(pinfo["lstm_compression"], 2),
+        "model_params_before": pinfo["params_before"],
+        "model_params_after": pinfo["params_after"],
+        "model_compression": round(pinfo["model_compression"], 3),
+        "dense_vs_gated_max_abs_diff": diff,
+        "goal_lstm_20x": pinfo["lstm_compression"] >= 20,
+        "goal_within_1_point": (base["video_top1"] - dense_acc["video_top1"]) <= 0.01,
+        "paper": {"ucf11_cnn_lstm_compression": 16360, "ucf11_end_to_end_compression": 332},
+        "seconds": {"prepare": round(t_prepare, 1), "train": round(t_train, 1), "vib": round(t_vib, 1), "finetune": round(t_ft, 1),
+                    "port": round(t_port, 2), "total": round(time.perf_counter() - t_all, 1)},
+        "history": [{k: v for k, v in h.items() if k != "kept"} for h in vib["history"]],
+        "final_gated_video_top1": final["video_top1"],
+    }
+    print(json.dumps(doc, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
