@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
         sparsity: Annotated[float | None, typer.Option("--sparsity", help="magnitude: fraction of weights to mask in every conv/linear but the classifier.")] = None,
         sparsity_csv: Annotated[str | None, typer.Option("--sparsity-csv", help="magnitude: per-layer sparsities, CSV rows 'layer,sparsity'.")] = None,
         kml: Annotated[float, typer.Option("--kml", help="vib: KL multiplier per layer.")] = 1.0,
-        ib_lr: Annotated[float, typer.Option("--ib-lr", help="vib: learning rate of the gate parameters.")] = 0.01,
-        kl_factor: Annotated[float, typer.Option("--kl-factor", help="vib: global KL factor.")] = 1e-4,
+        ib_lr: Annotated[float, typer.Option("--ib-lr", help="vib: learning rate of the gate parameters (mu, logD).")] = 0.02,
+        kl_factor: Annotated[float, typer.Option("--kl-factor", help="vib: global KL factor (higher prunes more).")] = 2e-3,
         mask_threshold: Annotated[float, typer.Option("--mask-threshold", help="vib: keep a unit iff log alpha < threshold.")] = 0.0,
         kml_layer: Annotated[list[str] | None, typer.Option("--kml-layer", help="vib: NAME=K, a layer's own KL multiplier (repeatable).")] = None,
         finetune: Annotated[bool, typer.Option("--finetune", help="vib: train weights only under the frozen masks of a VIB model.")] = False,
@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
             frames=int(inp.get("frames", 8)), size=int(inp.get("size", 32)), epochs=epochs if method_l == "vib" else max(1, finetune_epochs),
             batch_size=batch_size, workers=workers, device=device, command="prune",
             init=str(model_path), **({"lr": lr} if lr is not None else {}),
+            **({"optimizer": "adamw", "weight_decay": 1e-4, **({} if lr is not None else {"lr": 1e-3})} if method_l == "vib" else {}),
         )
         run_dir = ws.run_dir(run_name)
         with progress() as prog:
