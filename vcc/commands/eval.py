@@ -1,14 +1,83 @@
-"""`vcc eval` (not built yet)."""
+"""`vcc eval`: accuracy (clip/video top-1/top-5, per class, confusion), latency and throughput."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+from vcc.commands._common import DeviceOpt, Format, FormatOpt
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def eval_(ctx: typer.Context) -> None:
-        """Not implemented yet."""
-        from vcc.core.errors import NotImplementedYet
+    @app.command("eval")
+    def eval_(
+        model: Annotated[str, typer.Argument(help="Model artefact (.safetensors) or run name (RUN, RUN:best, RUN:last).")],
+        data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset name or folder.")],
+        split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate.")] = "test",
+        clips: Annotated[int, typer.Option("--clips", "-k", help="Evenly spaced clips per video (video score = mean clip softmax).")] = 3,
+        crops: Annotated[int, typer.Option("--crops", help="Spatial crops per clip: 1 (centre) or 3.")] = 1,
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per batch.")] = 8,
+        workers: Annotated[int, typer.Option("--workers", "-j", help="Loader worker processes.")] = 1,
+        device: DeviceOpt = "auto",
+        amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = False,
+        threshold: Annotated[float | None, typer.Option("--threshold", help="Multi-exit models: leave at the first exit whose max softmax exceeds this.")] = None,
+        fmt: FormatOpt = Format.table,
+    ) -> None:
+        """Evaluate a model: clip/video top-1 and top-5, per-class accuracy, confusion matrix (CSV saved
+        beside the model), latency at batch 1 and throughput.
+        """
+        from pathlib import Path
 
-        raise NotImplementedYet("`vcc eval` is not implemented yet")
+        from vcc.commands._common import ProgressHook, progress, render, workspace
+        from vcc.core.artefact import load_model
+        from vcc.core.data.manifest import load_dataset
+        from vcc.core.errors import UsageError
+        from vcc.core.evaluate import evaluate
+        from vcc.core.report import Report, Table
+        from vcc.core.training import check_classes, resolve_device
+        from vcc.core.workspace import atomic_write_text
+
+        if crops not in (1, 3):
+            raise UsageError(f"--crops must be 1 or 3, got {crops}")
+        ws = workspace()
+        info = load_dataset(ws.resolve_dataset(data))
+        path = ws.resolve_model(model)
+        dev = resolve_device(device)
+        net, meta = load_model(path, device=dev)
+        check_classes(meta, list(info.classes), model_name=f"model {model!r}", data_name=f"dataset {info.name!r}")
+        with progress(transient=True) as prog:
+            hook = ProgressHook(prog)
+            if threshold is not None:
+                from vcc.core.exits import evaluate_early_exit, is_multi_exit
+
+                if not is_multi_exit(meta):
+                    raise UsageError(f"--threshold needs a multi-exit model; {model!r} has no early exits (train some with `vcc train --exits`)")
+                res = evaluate_early_exit(net, meta, info, threshold=threshold, split=split, clips=clips, device=dev, progress=hook)
+                table = Table(["metric", "value"], [[k, v] for k, v in res.items() if isinstance(v, (int, float, str))], title=f"early exit at threshold {threshold}")
+                render(Report(res, [table]), fmt)
+                return
+            res = evaluate(net, meta, info, split=split, clips=clips, crops=crops, batch_size=batch_size, device=dev,
+                           workers=workers, progress=hook, amp=amp)
+        # confusion matrix beside the model (its run folder for run models)
+        cm_path = Path(path).with_name("confusion.csv" if path.name == "model.safetensors" else f"{path.stem}.confusion.csv")
+        lines = ["true\\pred," + ",".join(info.classes)]
+        lines += [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(info.classes, res["confusion"], strict=True)]
+        atomic_write_text(cm_path, "\n".join(lines) + "\n")
+        res["confusion_csv"] = str(cm_path)
+        res["model"] = str(path)
+        res["dataset"] = info.name
+        summary = Table(["metric", "value"], title=f"{path.name} on {info.name}/{split}")
+        for key in ("clip_top1", "clip_top5", "video_top1", "video_top5"):
+            summary.add(key.replace("_", " "), round(100 * res[key], 2))
+        summary.add("videos", res["videos"])
+        summary.add("clips", res["clips"])
+        summary.add("latency ms (batch 1)", res["latency_ms"])
+        summary.add("clips/s (model)", res["clips_per_s"])
+        summary.add("clips/s (with decoding)", res["end_to_end_clips_per_s"])
+        per_class = Table(["class", "videos", "video top-1 %"], title="per class")
+        counts = [sum(row) for row in res["confusion"]]
+        for c, n in zip(info.classes, counts, strict=True):
+            acc = res["per_class"][c]
+            per_class.add(c, n, None if acc is None else round(100 * acc, 2))
+        render(Report(res, [summary, per_class], [f"accuracies in %; confusion matrix: {cm_path}"]), fmt)

@@ -1,0 +1,266 @@
+"""What `vcc train` and `vcc finetune` do around :func:`vcc.core.training.fit`.
+
+A run folder gets ``run.json`` (dataset, model source, teacher, config) so that
+``--resume RUN`` can rebuild everything from the folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vcc.core.artefact import (
+    ModelMeta,
+    build_from_meta,
+    import_weights,
+    input_spec,
+    load_model,
+    read_doc,
+)
+from vcc.core.errors import UsageError, VccError
+from vcc.core.training import FitResult, ProgressFn, TrainConfig, check_classes, fit
+from vcc.core.workspace import Workspace, atomic_write_json
+
+RUN_FILE = "run.json"
+
+
+@dataclasses.dataclass
+class RunResult:
+    """A finished (or stopped) run: its folder, name and fit's result."""
+
+    name: str
+    run_dir: Path
+    fit: FitResult
+    notes: list[str]
+
+
+def load_init(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Copy matching weights from a vcc artefact or a third-party .pth/.safetensors into `model`.
+
+    Tensors whose name and shape match are loaded; the rest (e.g. a classifier for other classes)
+    keep their initialisation. Returns counts; a file that shares nothing with the model is an error.
+    """
+    from vcc.core.artefact import load_tensors
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            doc = read_doc(path)
+        except VccError as exc:
+            if "not a vcc artefact" not in str(exc):
+                raise
+            doc = None
+        if doc is None:
+            state = import_weights(path)
+        elif doc.get("format") == "vcc-model":
+            state, _ = load_tensors(path, expect_format="vcc-model")
+        else:
+            raise VccError(f"--init {path} is a {doc['format']!r} artefact, not a model")
+    else:
+        state = import_weights(path)
+    own = model.state_dict()
+    loaded = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not loaded:
+        sample = ", ".join(list(state)[:3])
+        raise VccError(f"--init {path}: no tensor matches the model by name and shape (file has e.g. {sample})")
+    model.load_state_dict(loaded, strict=False)
+    skipped = sorted(k for k in state if k not in loaded)
+    missing = sorted(k for k in own if k not in loaded)
+    return {"loaded": len(loaded), "skipped": skipped, "missing": missing}
+
+
+def _dataset(ws: Workspace, data: str) -> Any:
+    from vcc.core.data.manifest import load_dataset
+
+    return load_dataset(ws.resolve_dataset(data))
+
+
+def _load_teacher(ws: Workspace, spec: str | None, classes: list[str]) -> tuple[nn.Module | None, str | None]:
+    if not spec:
+        return None, None
+    path = ws.resolve_model(spec)
+    teacher, tmeta = load_model(path)
+    check_classes(tmeta, classes, model_name=f"teacher {spec!r}", data_name="the dataset")
+    return teacher, str(path)
+
+
+def _new_run_dir(ws: Workspace, name: str | None, default: str) -> tuple[str, Path]:
+    if name:
+        run_dir = ws.run_dir(name)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UsageError(f"run {name!r} already exists in {ws.runs_dir}; continue it with --resume {name} or pick another --name")
+    else:
+        name = ws.unique_run_name(default)
+        run_dir = ws.run_dir(name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return name, run_dir
+
+
+def start_train(
+    ws: Workspace,
+    *,
+    data: str,
+    arch: str | None,
+    name: str | None,
+    cfg: TrainConfig,
+    init: str | None = None,
+    teacher: str | None = None,
+    arch_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> RunResult:
+    """`vcc train`: build `arch` (or take `--init`'s artefact), train on `data` into a new run."""
+    from vcc.core.models import build_model, get_spec
+
+    info = _dataset(ws, data)
+    classes = list(info.classes)
+    notes: list[str] = []
+    init_path = Path(init).expanduser() if init else None
+    if init_path is not None and not init_path.is_file():
+        init_path = ws.resolve_model(init)
+    init_meta: ModelMeta | None = None
+    if init_path is not None:
+        try:
+            doc = read_doc(init_path)
+            init_meta = ModelMeta.from_json(doc) if doc.get("format") == "vcc-model" else None
+        except VccError:
+            init_meta = None
+    if init_meta is not None and (arch is None or arch == init_meta.arch):
+        arch = init_meta.arch
+        options = dict(init_meta.options)
+    else:
+        arch = arch or "r3d_tiny"
+        options = dict(arch_options or {})
+    spec = get_spec(arch)
+    # frames/size 0 = the init artefact's input, else the arch's design input
+    cfg = dataclasses.replace(
+        cfg,
+        frames=cfg.frames or (init_meta.frames if init_meta else spec.frames),
+        size=cfg.size or (init_meta.size if init_meta else spec.size),
+    )
+    torch.manual_seed(cfg.seed)
+    if init_meta is not None and arch == init_meta.arch and list(init_meta.classes) == classes:
+        model, meta = load_model(init_path)  # keeps wrappers, pruned shapes, masks
+        model.train()
+        notes.append(f"initialised from {init_path} (all weights)")
+    else:
+        model = build_model(arch, num_classes=len(classes), **options)
+        meta = ModelMeta(arch=arch, num_classes=len(classes), options=options, classes=classes,
+                         input=input_spec(cfg.frames, cfg.size, init_meta.mean if init_meta else None, init_meta.std if init_meta else None))
+        if init_path is not None:
+            res = load_init(model, init_path)
+            notes.append(f"initialised from {init_path}: {res['loaded']} tensors loaded, {len(res['missing'])} kept fresh"
+                         + (f" ({', '.join(res['missing'][:4])})" if res["missing"] else ""))
+    meta.classes = classes
+    meta.num_classes = len(classes)
+    teacher_model, teacher_path = _load_teacher(ws, teacher, classes)
+    return _run(ws, info, model, meta, cfg, name, f"{arch}-{info.name}", teacher_model, teacher_path, init_path, "train", notes, progress, spec.name)
+
+
+def start_finetune(
+    ws: Workspace,
+    *,
+    model_spec: str,
+    data: str,
+    name: str | None,
+    cfg: TrainConfig,
+    teacher: str | None = None,
+    progress: ProgressFn | None = None,
+) -> RunResult:
+    """`vcc finetune`: continue training any artefact (pruned, masked, gated) on `data`."""
+    info = _dataset(ws, data)
+    path = ws.resolve_model(model_spec)
+    model, meta = load_model(path)
+    check_classes(meta, list(info.classes), model_name=f"model {model_spec!r}", data_name=f"dataset {info.name!r}")
+    model.train()
+    cfg = dataclasses.replace(cfg, frames=cfg.frames or meta.frames, size=cfg.size or meta.size)
+    teacher_model, teacher_path = _load_teacher(ws, teacher, list(info.classes))
+    stem = path.parent.name if path.name in ("model.safetensors", "best.safetensors", "last.safetensors") else path.stem
+    return _run(ws, info, model, meta, cfg, name, f"{stem}-ft", teacher_model, teacher_path, path, "finetune", [], progress, meta.arch)
+
+
+def _run(ws: Workspace, info: Any, model: nn.Module, meta: ModelMeta, cfg: TrainConfig, name: str | None, default_name: str,
+         teacher: nn.Module | None, teacher_path: str | None, parent: Path | None, command: str, notes: list[str],
+         progress: ProgressFn | None, arch: str) -> RunResult:
+    check_classes(meta, list(info.classes), model_name=f"model ({arch})", data_name=f"dataset {info.name!r}")
+    run_name, run_dir = _new_run_dir(ws, name, default_name)
+    cfg = dataclasses.replace(cfg, command=command, init=str(parent) if parent else None)
+    atomic_write_json(run_dir / RUN_FILE, {
+        "command": command, "data": str(info.root), "teacher": teacher_path,
+        "parent": str(parent) if parent else None, "config": cfg.to_json(), "meta": meta.to_json(),
+    })
+    res = fit(model, meta, info, cfg, run_dir, teacher=teacher, progress=progress)
+    return RunResult(run_name, run_dir, res, notes)
+
+
+def resume(ws: Workspace, run: str, *, overrides: dict[str, Any] | None = None, progress: ProgressFn | None = None) -> RunResult:
+    """Continue run `run` from its last checkpoint (`overrides`: epochs, workers, device, stop_after...)."""
+    from vcc.core.data.manifest import load_dataset
+    from vcc.core.train_state import load_checkpoint
+
+    run_dir = ws.run_dir(run)
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        known = ", ".join(ws.runs()) or "none"
+        raise VccError(f"no resumable run {run!r} in {ws.runs_dir} (runs: {known})")
+    spec = json.loads(run_file.read_text())
+    ckpt = run_dir / "checkpoint.safetensors"
+    if not ckpt.is_file():
+        raise VccError(f"run {run!r} has no checkpoint yet (it stopped before finishing an epoch); start it again")
+    parts, doc = load_checkpoint(ckpt)
+    cfg = TrainConfig.from_json(doc["config"])
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg = dataclasses.replace(cfg, **changes)
+    if cfg.epochs < int(doc["epoch"]):
+        raise UsageError(f"--epochs {cfg.epochs} is fewer than the {doc['epoch']} epochs run {run!r} already did")
+    meta = ModelMeta.from_json(doc["meta"])
+    model = build_from_meta(meta, parts["model"])
+    model.load_state_dict(parts["model"], strict=True)
+    info = load_dataset(spec["data"])
+    teacher, _ = _load_teacher(ws, spec.get("teacher"), list(info.classes))
+    spec["config"] = cfg.to_json()
+    atomic_write_json(run_file, spec)
+    res = fit(model, meta, info, cfg, run_dir, teacher=teacher, resume=True, progress=progress)
+    return RunResult(run, run_dir, res, [f"resumed after epoch {doc['epoch']}"])
+
+
+def train_exits_run(
+    ws: Workspace,
+    *,
+    data: str,
+    init: str | None,
+    name: str | None,
+    cfg: TrainConfig,
+    exits: str,
+    kd: str,
+    teachers: list[str],
+    kd_epochs: list[int] | None,
+    kd_temperature: float,
+    progress: ProgressFn | None = None,
+) -> RunResult:
+    """`vcc train --exits`: early-exit heads on `--init`'s frozen backbone (vcc.core.exits)."""
+    if not init:
+        raise UsageError("--exits needs --init MODEL (the trained backbone to attach exits to)")
+    try:
+        from vcc.core.exits import train_exits
+    except ModuleNotFoundError as exc:
+        raise VccError("early exits are not available in this build (vcc.core.exits missing)") from exc
+    info = _dataset(ws, data)
+    init_path = ws.resolve_model(init)
+    _, imeta = load_model(init_path)
+    check_classes(imeta, list(info.classes), model_name=f"model {init!r}", data_name=f"dataset {info.name!r}")
+    teacher_paths = [str(ws.resolve_model(t)) for t in teachers]
+    stem = init_path.parent.name if init_path.name == "model.safetensors" else init_path.stem
+    run_name, run_dir = _new_run_dir(ws, name, f"{stem}-exits")
+    cfg = dataclasses.replace(cfg, command="train-exits", init=str(init_path))
+    atomic_write_json(run_dir / RUN_FILE, {
+        "command": "train-exits", "data": str(info.root), "parent": str(init_path), "exits": exits, "kd": kd,
+        "teachers": teacher_paths, "kd_epochs": kd_epochs, "config": cfg.to_json(),
+    })
+    res = train_exits(init_path, info, cfg, run_dir, exits=exits, kd=kd, teachers=teacher_paths or None,
+                      kd_epochs=kd_epochs, kd_temperature=kd_temperature, progress=progress)
+    return RunResult(run_name, run_dir, res, [])
