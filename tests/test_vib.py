@@ -267,3 +267,17 @@ def test_cli_prune_vib_then_port(tiny_lstm_model, tiny_synthetic, tmp_path) -> N
                    "--name", "bad")
     assert proc.returncode == 2 and "kml-layer" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ws" / "runs" / "bad").exists()
+
+
+def test_prune_vib_on_3d_cnn_channels(tiny_model, tiny_synthetic, tmp_path) -> None:
+    res = vib.prune_vib(tiny_model, tiny_synthetic, _cfg(max_batches=2), tmp_path / "r3d", kl_factor=1.0, ib_lr=0.5, progress=None)
+    assert "layer1.0.conv1" in res["kept"] and "fc" not in res["kept"]
+    assert res["channels_before"] == sum(t for _, t in res["kept"].values())
+    model, meta = load_model(res["model_path"])
+    assert vib.gated(model)
+    # one gate per output channel of every conv
+    assert {n: g.n for n, g in vib.gates(model).items()}["layer4.0.conv2"] == 128
+    dense, _, info = vib.port_vib(model, meta)
+    x = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        assert (dense(x) - model(x)).abs().max() <= 1e-4
