@@ -1,7 +1,7 @@
 """A generated motion dataset: real encoded videos whose classes only motion tells apart.
 
-Every video shows four shapes (random kind, size and colour) on a random textured background
-with per-frame noise. Three shapes move alike, one stays still. The class is how the shapes
+Every video shows six shapes (random kind, size and colour) on a random textured background
+with per-frame noise. Five shapes move alike, one stays still. The class is how the shapes
 move (up, down, sideways, growing, ...). The appearance (background, shapes, colours, start
 position, speed) is drawn from the video's number alone, so video k of every class looks the
 same in any single frame: only motion tells the classes apart, and memorising a background
@@ -42,7 +42,7 @@ MOTIONS = [
 ]
 DEFAULTS: dict[str, Any] = {"classes": 8, "videos_per_class": 24, "frames": 40, "size": 64, "seed": 0}
 TEST_FRACTION = 0.25
-MOVERS = 3  # moving shapes per video
+MOVERS = 5  # moving shapes per video
 FPS = 25
 
 
@@ -69,7 +69,7 @@ def prepare_synthetic(
     if size < 16 or size % 2:
         raise UsageError(f"--size must be an even number >= 16, got {size}")
     folder = ws.dataset_dir(name)
-    options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 6}
+    options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 7}
     existing = _reuse(folder, options)
     if existing is not None:
         return existing
@@ -172,15 +172,15 @@ def render_video(motion: str, frames: int, size: int, rng: np.random.Generator, 
             {
                 "kind": int(rng.integers(0, 3)),
                 "colour": _contrast_colour(bg_mean, rng),
-                "r0": float(rng.uniform(6.0, 9.0) * s),
+                "r0": float(rng.uniform(5.0, 8.0) * s),
                 "c0": rng.uniform(0, size, 2),
                 "phase": float(rng.uniform(0, 2 * math.pi)),
             }
         )
-    speed = float(rng.uniform(1.5, 2.2) * s)
+    speed = float(rng.uniform(3.0, 4.5) * s)
     sign = 1.0 if rng.random() < 0.5 else -1.0  # left or right: flip-invariant classes
     rmin, rmax = 3.0 * s, 13.0 * s
-    grow_rate = float(rng.uniform(0.4, 0.55) * s)
+    grow_rate = float(rng.uniform(0.6, 0.8) * s)
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
     for t in range(frames):
         frame = static.copy()
@@ -200,10 +200,10 @@ def render_video(motion: str, frames: int, size: int, rng: np.random.Generator, 
                 off = (r - rmin + (grow_rate * t if motion == "grow" else -grow_rate * t)) % (rmax - rmin)
                 r = rmin + off
             elif motion == "orbit":
-                a = phase + sign * t * 2 * math.pi / 20
+                a = phase + sign * t * 2 * math.pi / 14
                 cx, cy = cx + 9.0 * s * (math.cos(a) - math.cos(phase)), cy + 9.0 * s * (math.sin(a) - math.sin(phase))
             elif motion == "shake":
-                cx = cx + 5.0 * s * (math.sin(phase + t * 2 * math.pi / 12) - math.sin(phase))
+                cx = cx + 7.0 * s * (math.sin(phase + t * 2 * math.pi / 10) - math.sin(phase))
             # "still": nothing moves
             frame[_shape_mask(mv["kind"], *wrapped(cx, cy), r)] = mv["colour"]
         frame += noise_rng.normal(0, 5, size=frame.shape).astype(np.float32)

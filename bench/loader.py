@@ -1,0 +1,179 @@
+"""Loader throughput: vcc's decord clip loader vs a plain PyAV decode of the same clips.
+
+Training clips of 16 frames (stride 2) at 112x112 from 320x240 MPEG-4 AVIs (the shared real clip
+test.avi, linked under many names so every item opens its own file). Rates in clips/s, measured
+after the first batch (worker start-up excluded). Prints one JSON document.
+
+    python bench/loader.py [--videos 48] [--batch 8]
+
+* vcc_wN: make_loader(..., workers=N): decord, decode-time resize to 171x128, random crop, flip.
+* pyav_wN: the same Dataset, indices, resize, crop and DataLoader, but frames decoded with PyAV
+  (seek to the keyframe before the clip, decode forward, swscale to 171x128).
+* decord_raw: VideoReader(width=171, height=128, num_threads=1).get_batch(same indices) in one
+  process, nothing else: the decode rate the loader can at best reach with one worker.
+Goals: vcc >= 2x PyAV, and vcc_w1 >= 80% of decord_raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SRC = ROOT.parent / "shared" / "data" / "videos" / "test.avi"
+
+
+class _Frames:
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = a
+
+    def asnumpy(self) -> np.ndarray:
+        return self.a
+
+
+class PyAVReader:
+    """A decord-like reader (len, get_batch) on PyAV: seek, decode forward, scale with swscale."""
+
+    def __init__(self, path: str, width: int, height: int, n_frames: int) -> None:
+        import av
+
+        self.container = av.open(path)
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "SLICE"
+        self.stream.codec_context.thread_count = 1
+        self.width, self.height, self.n = width, height, n_frames
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        self.tb_per_frame = 1 / (float(rate) * float(self.stream.time_base))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get_batch(self, indices: list[int]) -> _Frames:
+        want = sorted(set(indices))
+        self.container.seek(int(want[0] * self.tb_per_frame), stream=self.stream, backward=True, any_frame=False)
+        got: dict[int, np.ndarray] = {}
+        for frame in self.container.decode(self.stream):
+            i = int(round(frame.pts / self.tb_per_frame)) if frame.pts is not None else len(got)
+            if i in want:
+                got[i] = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+            if i >= want[-1]:
+                break
+        frames, last = [], next(iter(got.values()))
+        for i in indices:  # a frame the demuxer did not number as expected: repeat the previous one
+            last = got.get(i, last)
+            frames.append(last)
+        return _Frames(np.stack(frames))
+
+
+def _pyav_dataset(ds):
+    from vcc.core.data import transforms
+    from vcc.core.data.loader import ClipDataset
+
+    class PyAVClipDataset(ClipDataset):
+        def _reader(self, vid: int):
+            e = self.entries[vid]
+            w, h = transforms.resized_shape(e.width, e.height, self.short)
+            return PyAVReader(e.path, w, h, e.n_frames)
+
+    p = PyAVClipDataset(ds.entries, train=True, frames=ds.frames, size=ds.size, stride=ds.stride, seed=ds.seed)
+    return p
+
+
+def _rate(loader) -> tuple[float, int]:
+    it = iter(loader)
+    first = next(it)
+    n, t0 = 0, time.perf_counter()
+    for x, _, _ in it:
+        n += len(x)
+    dt = time.perf_counter() - t0
+    assert first[0].dtype == torch.uint8
+    return n / dt, n + len(first[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--videos", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--stride", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    from torch.utils.data import DataLoader
+
+    from vcc.core.data import sampling
+    from vcc.core.data.loader import make_loader
+    from vcc.core.data.manifest import load_dataset
+    from vcc.core.data.prepare import prepare_folder
+    from vcc.core.workspace import Workspace
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "videos" / "clips"
+        root.mkdir(parents=True)
+        for i in range(args.videos):
+            os.link(SRC, root / f"v{i:03d}.avi") if _same_fs(SRC, root) else os.symlink(SRC, root / f"v{i:03d}.avi")
+        ws = Workspace(Path(tmp) / "ws")
+        info = load_dataset(prepare_folder(ws, root.parent, val_ratio=0.0, name="bench").path)
+        e0 = info.entries[0]
+        out: dict = {
+            "bench": "loader",
+            "device": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPU cores)",
+            "torch": torch.__version__,
+            "source": f"{SRC.name} {e0.width}x{e0.height}, {e0.n_frames} frames, mpeg4 avi",
+            "clip": f"{args.frames}x{args.size}x{args.size}, stride {args.stride}",
+            "videos": args.videos,
+        }
+        kw = dict(train=True, frames=args.frames, size=args.size, batch_size=args.batch, stride=args.stride, seed=0)
+        for w in (1, 2):
+            ld = make_loader(info, "train", workers=w, **kw)
+            out[f"vcc_w{w}_clips_per_s"], _ = _rate(ld)
+            pds = _pyav_dataset(ld.dataset)
+            pl = DataLoader(pds, batch_size=args.batch, sampler=ld.sampler, num_workers=w, worker_init_fn=lambda _: torch.set_num_threads(1))
+            out[f"pyav_w{w}_clips_per_s"], _ = _rate(pl)
+
+        # decord raw: the same clips' frames, one process, one thread, no crop/tensor/collate
+        import decord
+
+        from vcc.core.data import transforms
+
+        ds = make_loader(info, "train", workers=0, **kw).dataset
+        w_, h_ = transforms.resized_shape(e0.width, e0.height, ds.short)
+        clips = [sampling.train_indices(e.n_frames, args.frames, args.stride, np.random.default_rng([0, 0, i, 0])) for i, e in enumerate(info.entries)]
+        t0 = time.perf_counter()
+        for e, idx in zip(info.entries[1:], clips[1:], strict=True):
+            vr = decord.VideoReader(e.path, width=w_, height=h_, num_threads=1)
+            u = sorted(set(idx))
+            vr.get_batch(u).asnumpy()
+        out["decord_raw_clips_per_s"] = (len(clips) - 1) / (time.perf_counter() - t0)
+
+    for k in list(out):
+        if k.endswith("_per_s"):
+            out[k] = round(out[k], 1)
+    out["ratio_vcc_vs_pyav_w1"] = round(out["vcc_w1_clips_per_s"] / out["pyav_w1_clips_per_s"], 2)
+    out["ratio_vcc_vs_pyav_w2"] = round(out["vcc_w2_clips_per_s"] / out["pyav_w2_clips_per_s"], 2)
+    out["ratio_vcc_w1_vs_decord_raw"] = round(out["vcc_w1_clips_per_s"] / out["decord_raw_clips_per_s"], 2)
+    out["goal_2x_pyav"] = min(out["ratio_vcc_vs_pyav_w1"], out["ratio_vcc_vs_pyav_w2"]) >= 2.0
+    out["goal_80pct_decord_raw"] = out["ratio_vcc_w1_vs_decord_raw"] >= 0.8
+    print(json.dumps(out, indent=2))
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
