@@ -57,12 +57,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny run (small dataset, 2+1 epochs): checks the pipeline, not the goals")
     ap.add_argument("--model", default=None, help="a trained r3d_tiny-like artefact to start from (skips training)")
-    ap.add_argument("--epochs", type=int, default=12, help="training epochs of the unpruned model")
-    ap.add_argument("--finetune-epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=40, help="training epochs of the unpruned model")
+    ap.add_argument("--finetune-epochs", type=int, default=8)
     ap.add_argument("--target-macs", type=float, default=0.5)
     ap.add_argument("--scope", default="global")
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--finetune-lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW lr of the unpruned model's training")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3, help="AdamW lr of the finetuning")
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--batches", type=int, default=8, help="taylor ranking batches")
     ap.add_argument("--eval-clips", type=int, default=3)
     ap.add_argument("--latency-runs", type=int, default=30)
@@ -94,7 +95,8 @@ def main() -> None:
     res = prepare_synthetic(ws, name="bench-prune" + ("-quick" if args.quick else ""), **ds_opts)
     info = load_dataset(res.path)
     timings["prepare_s"] = time.perf_counter() - t0
-    common = {"frames": 8, "size": 32, "batch_size": 8, "workers": args.workers, "device": "cpu", "seed": 0}
+    common = {"frames": 8, "size": 32, "batch_size": args.batch_size, "workers": args.workers, "device": "cpu", "seed": 0,
+              "optimizer": "adamw", "weight_decay": 1e-4}
 
     t = time.perf_counter()
     if args.model:
@@ -160,7 +162,8 @@ def main() -> None:
         "bench": "prune",
         "quick": args.quick,
         "setup": {"arch": "r3d_tiny", "frames": 8, "size": 32, "dataset": {"classes": len(info.classes), **res.counts},
-                  "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "target_macs": args.target_macs,
+                  "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "lr": args.lr, "finetune_lr": args.finetune_lr,
+                  "optimizer": "adamw", "target_macs": args.target_macs,
                   "scope": args.scope, "eval_clips": args.eval_clips, "threads": torch.get_num_threads(),
                   "latency": f"min over 3 interleaved rounds of the median of {args.latency_runs} batch-1 CPU forwards"},
         "unpruned": {"macs": base_macs, "params": base_params, "video_top1": base_eval["video_top1"],

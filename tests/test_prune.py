@@ -235,3 +235,17 @@ def test_prune_refuses_wrapped_models(ws, tiny_model: Path, tmp_path: Path) -> N
     res = runner.invoke(app, ["prune", "--latency-runs", "2", str(path), "--method", "l1", "--ratio", "0.3", "--name", "x"])
     assert res.exit_code == 2 and "vcc port" in res.output
     assert not (ws.runs_dir / "x").exists()
+
+
+def test_iterative_steps_follow_agp_to_the_final_ratio(ws, tiny_model: Path) -> None:
+    res = runner.invoke(app, ["prune", "--latency-runs", "2", str(tiny_model), "--method", "l2", "--ratio", "0.5", "--scope", "layer",
+                              "--steps", "2", "--name", "agp", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    ratios = [s["ratio"] for s in doc["steps"]]
+    assert ratios == [round(0.5 * (1 - 0.5**3), 4), 0.5]
+    macs = [s["macs"] for s in doc["steps"]]
+    assert macs == sorted(macs, reverse=True) and macs[0] < doc["before"]["macs"]
+    model, _ = load_model(ws.runs_dir / "agp" / "model.safetensors")
+    # ratios refer to the original channel counts, so two steps land where one would
+    assert model.layer1[0].conv1.out_channels == 8 and model.layer4[0].conv1.out_channels == 64

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         clips: Annotated[int, typer.Option("--clips", min=1, help="Clips per test video in --sensitivity evaluations.")] = 1,
         ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer-name glob to leave out (repeatable).")] = None,
         out: Annotated[str | None, typer.Option("--out", "-o", help="Ranking file to write (default: runs/NAME/ranking-METHOD.safetensors).")] = None,
-        device: DeviceOpt = "cpu",
+        device: DeviceOpt = "auto",
         name: NameOpt = None,
         fmt: FormatOpt = Format.table,
     ) -> None:

@@ -99,6 +99,7 @@ class ChannelGroup:
     channels: list[int]
     members: dict[str, list[int]] = field(default_factory=dict)
     inputs: dict[str, list[int]] = field(default_factory=dict)  # layer -> input channels lost per root channel
+    norms: dict[str, list[int]] = field(default_factory=dict)  # batch norms: channel per root channel
 
     @property
     def size(self) -> int:
@@ -121,8 +122,6 @@ class Surgeon:
 
         self.tp = tp
         self.model = model
-        self.names = {m: n for n, m in model.named_modules()}
-        self.modules = dict(model.named_modules())
         self.shortcuts = _swap_shortcuts(model)
         self.names = {m: n for n, m in model.named_modules()}
         self.modules = dict(model.named_modules())
@@ -202,6 +201,7 @@ class Surgeon:
             group = self.DG.get_pruning_group(m, self._out_fn(m), free)
             members: dict[str, dict[int, int]] = {}
             inputs: dict[str, dict[int, int]] = {}
+            norms: dict[str, dict[int, int]] = {}
             blocked = False
             for item in group:
                 dep, idxs = item.dep, item.idxs
@@ -215,6 +215,10 @@ class Surgeon:
                         for r in item.root_idxs:
                             imap[int(r)] = imap.get(int(r), 0) + 1
                     continue
+                if isinstance(tm, nn.modules.batchnorm._BatchNorm):
+                    nmap = norms.setdefault(tname, {})
+                    for i, r in zip(idxs, item.root_idxs, strict=False):
+                        nmap[int(r)] = int(i)
                 if _is_param_layer(tm):
                     covered.setdefault(tname, set()).update(idxs)
                     if tname in self.ignored:
@@ -231,6 +235,7 @@ class Surgeon:
                     channels=free,
                     members={k: [v.get(r, -1) for r in free] for k, v in members.items()},
                     inputs={k: [v.get(r, 0) for r in free] for k, v in inputs.items()},
+                    norms={k: [v.get(r, -1) for r in free] for k, v in norms.items()},
                 )
             )
         return groups
