@@ -284,3 +284,16 @@ def test_bad_options_are_usage_errors(arch: str, options: dict, needle: str) -> 
     with pytest.raises(UsageError, match=None) as err, torch.device("meta"):
         build_model(arch, 4, **options)
     assert needle in str(err.value)
+
+
+def test_string_options_take_the_builders_types() -> None:
+    """Options typed on a command line arrive as strings; "false" must not become True."""
+    with torch.device("meta"):
+        model = build_model("cnn_lstm", 3, backbone="tiny", hidden_size="24", freeze_backbone="false", dropout="0.25")
+        r3d = build_model("resnet3d_18", 3, base_width="8", shortcut="B")
+    assert model.lstm.hidden_size == 24 and model.freeze_backbone is False and model.dropout.p == 0.25
+    assert r3d.layer1[0].conv1.out_channels == 8 and r3d.fc.in_features == 64
+    with pytest.raises(UsageError, match="freeze_backbone='maybe' is not a bool"):
+        build_model("cnn_lstm", 3, freeze_backbone="maybe")
+    with pytest.raises(UsageError, match="shortcut must be 'A' or 'B'"):
+        build_model("r3d_tiny", 3, shortcut="C")

@@ -67,11 +67,37 @@ def get_spec(name: str) -> ModelSpec:
 def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
     """Build arch `name` with `num_classes` outputs and builder options (randomly initialised)."""
     spec = get_spec(name)
-    kwargs = {**spec.defaults, **options}
+    kwargs = _coerce_options(name, spec.builder, {**spec.defaults, **options})
     try:
         return spec.builder(num_classes=num_classes, **kwargs)
     except TypeError as exc:
         raise UsageError(f"bad options for arch {name!r}: {exc}") from exc
+
+
+def _coerce_options(arch: str, builder: Callable[..., nn.Module], options: dict[str, Any]) -> dict[str, Any]:
+    """Turn string values (as given on a command line) into the type of the builder's default."""
+    import inspect
+
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return options
+    out = dict(options)
+    for key, value in options.items():
+        default = params[key].default if key in params else None
+        if not isinstance(value, str) or isinstance(default, str) or default is None or default is inspect.Parameter.empty:
+            continue
+        text = value.strip().lower()
+        try:
+            if isinstance(default, bool):
+                if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                out[key] = text in ("1", "true", "yes", "on")
+            elif isinstance(default, (int, float)):
+                out[key] = type(default)(value)
+        except ValueError:
+            raise UsageError(f"bad option for arch {arch!r}: {key}={value!r} is not a {type(default).__name__}") from None
+    return out
 
 
 def register_wrapper(name: str):

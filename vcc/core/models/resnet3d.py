@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vcc.core.errors import UsageError
 from vcc.core.models.registry import register_model
 
 
@@ -87,7 +88,9 @@ class ResNet3D(nn.Module):
     ) -> None:
         super().__init__()
         if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' or 'B', not {shortcut!r}")
+            raise UsageError(f"shortcut must be 'A' or 'B', not {shortcut!r}")
+        if base_width < 1 or not 0.0 <= dropout < 1.0:
+            raise UsageError(f"base_width must be >= 1 and dropout in [0, 1), not {base_width} and {dropout}")
         widths = [base_width, base_width * 2, base_width * 4, base_width * 8]
         self.in_planes = widths[0]
         self.conv1 = nn.Conv3d(
@@ -162,9 +165,26 @@ def resnet3d(depth: int, num_classes: int, **options) -> ResNet3D:
 
 
 def _register(depth: int) -> None:
-    @register_model(f"resnet3d_{depth}", family="resnet3d", frames=16, size=112, description=f"3D ResNet-{depth} (Hara et al. 2018); options: shortcut A|B, base_width")
-    def _build(num_classes: int, shortcut: str = "B" if depth >= 50 else "A", **options) -> ResNet3D:
-        return resnet3d(depth, num_classes, shortcut=shortcut, **options)
+    @register_model(f"resnet3d_{depth}", family="resnet3d", frames=16, size=112, description=f"3D ResNet-{depth} (Hara et al. 2018); options: shortcut A|B, base_width, dropout")
+    def _build(
+        num_classes: int,
+        shortcut: str = "B" if depth >= 50 else "A",
+        base_width: int = 64,
+        conv1_t_size: int = 7,
+        conv1_t_stride: int = 1,
+        no_max_pool: bool = False,
+        dropout: float = 0.0,
+    ) -> ResNet3D:
+        return resnet3d(
+            depth,
+            num_classes,
+            shortcut=shortcut,
+            base_width=base_width,
+            conv1_t_size=conv1_t_size,
+            conv1_t_stride=conv1_t_stride,
+            no_max_pool=no_max_pool,
+            dropout=dropout,
+        )
 
 
 for _d in _DEPTHS:
@@ -172,7 +192,26 @@ for _d in _DEPTHS:
 
 
 @register_model("r3d_tiny", family="resnet3d", frames=8, size=32, description="3D ResNet-10, base width 16, shortcut B: the small model for CPU demos and tests")
-def r3d_tiny(num_classes: int, base_width: int = 16, shortcut: str = "B", **options) -> ResNet3D:
-    return ResNet3D(BasicBlock, [1, 1, 1, 1], num_classes, shortcut=shortcut, base_width=base_width, conv1_t_size=3, **options)
+def r3d_tiny(
+    num_classes: int,
+    base_width: int = 16,
+    shortcut: str = "B",
+    conv1_t_size: int = 3,
+    conv1_t_stride: int = 1,
+    no_max_pool: bool = False,
+    dropout: float = 0.0,
+) -> ResNet3D:
+    """3D ResNet-10 with base width 16 and a 3x7x7 stem."""
+    return ResNet3D(
+        BasicBlock,
+        [1, 1, 1, 1],
+        num_classes,
+        shortcut=shortcut,
+        base_width=base_width,
+        conv1_t_size=conv1_t_size,
+        conv1_t_stride=conv1_t_stride,
+        no_max_pool=no_max_pool,
+        dropout=dropout,
+    )
 
 
