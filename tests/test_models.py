@@ -219,6 +219,9 @@ def test_cnn_lstm_backbones(backbone: str, size: int, dim: int) -> None:
     assert model.feature_dim == dim
     with torch.no_grad():
         _check_sequence_contract(model, torch.randn(1, 3, 2, size, size), 6)
+    if backbone == "inception_v3":
+        with pytest.raises(UsageError, match="at least 75x75"):
+            model.features(torch.randn(1, 3, 2, 64, 64))
 
 
 def test_cnn_lstm_defaults_are_cpu_sized() -> None:

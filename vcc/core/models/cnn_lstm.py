@@ -149,6 +149,8 @@ class CNNLSTM(SequenceClassifier):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, T, H, W) clips -> (N, T, F) per-frame backbone features."""
         n, c, t, h, w = x.shape
+        if self.backbone_name == "inception_v3" and min(h, w) < 75:
+            raise UsageError(f"the inception_v3 backbone needs frames of at least 75x75 pixels, got {h}x{w}")
         frames = x.transpose(1, 2).reshape(n * t, c, h, w)
         return self.backbone(frames).reshape(n, t, -1)
 
