@@ -251,3 +251,24 @@ def test_folder_presplit_and_min_frames(tmp_path: Path, ws: Workspace, clip: Pat
     assert res.classes == ["jump", "run"] and res.counts == {"train": 4, "test": 4}
     with pytest.raises(VccError, match=r"too short \(10 frames < 11\)"):
         prepare_folder(ws, tmp_path / "t", min_frames=11, name="short")  # the clips have 10 frames
+
+
+# ---------------------------------------------------------------- synthetic through the CLI
+
+
+def test_prepare_synthetic_cli(ws: Workspace) -> None:
+    import typer
+
+    from vcc.core.data.synthetic import DEFAULTS
+
+    proc = run_vcc("prepare", "synthetic", "--classes", "3", "--videos-per-class", "4", "--frames", "8", "--size", "32", "--name", "syn", "--format", "json", check=True, timeout=120)
+    doc = json.loads(proc.stdout)
+    assert doc == {"name": "syn", "classes": ["up", "down", "sideways"], "counts": {"train": 9, "test": 3}, "skipped": []}
+    assert load_dataset(ws.dataset_dir("syn")).counts == {"train": 9, "test": 3}
+    bad = run_vcc("prepare", "synthetic", "--size", "33", "--name", "x")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --size must be an even number >= 16, got 33"]
+    # the CLI's defaults are the library's defaults
+    cmd = typer.main.get_command(app).commands["prepare"].commands["synthetic"]
+    defaults = {p.name: p.default for p in cmd.params}
+    for key in ("classes", "videos_per_class", "frames", "size", "seed"):
+        assert defaults[key] == DEFAULTS[key], key
