@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--ic-lr", type=float, default=1e-2, help="IC AdamW lr")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--backbone", default=None, help="reuse a trained backbone artefact instead of training one")
-    ap.add_argument("--lambda", dest="lam", type=float, default=1e-3)
+    ap.add_argument("--lambda", dest="lam", type=float, default=0.03)
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--thresholds", default="0:1:41")
     ap.add_argument("--workers", type=int, default=1)

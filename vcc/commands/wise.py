@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     def wise(
         model: Annotated[str, typer.Argument(help="Multi-exit model: a .safetensors file or a run name (RUN, RUN:best).")],
         data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (name or folder); WISE fits on train, reports on test.")],
-        lam: Annotated[float, typer.Option("--lambda", help="L1 weight on each exit's ensemble weights.", min=0.0)] = 1e-3,
+        lam: Annotated[float, typer.Option("--lambda", help="L1 weight on each exit's ensemble weights.", min=0.0)] = 0.03,
         iters: Annotated[int, typer.Option("--iters", help="Full-batch SGD steps for the WISE weights.", min=0)] = 500,
         lr: Annotated[float, typer.Option("--lr", help="SGD learning rate for the WISE weights.", min=0.0)] = 0.01,
         thresholds: Annotated[str, typer.Option("--thresholds", help="Softmax thresholds START:STOP:COUNT (linspace, inclusive) or a comma list.")] = "0:1.1:13",
