@@ -81,6 +81,8 @@ def render(report: Report, fmt: Format) -> None:
     from rich.table import Table as RichTable
 
     console = Console(soft_wrap=False)
+    if not console.is_terminal:  # piped: don't squeeze tables into 80 columns
+        console = Console(soft_wrap=False, width=160)
     for t in report.tables:
         rt = RichTable(title=t.title or None, caption=t.caption or None, title_justify="left")
         for i, col in enumerate(t.columns):
