@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="backbone AdamW lr")
     ap.add_argument("--ic-lr", type=float, default=1e-2, help="IC AdamW lr")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--data", default=None, help="reuse a prepared dataset folder instead of generating one")
     ap.add_argument("--backbone", default=None, help="reuse a trained backbone artefact instead of training one")
     ap.add_argument("--lambda", dest="lam", type=float, default=0.03)
     ap.add_argument("--iters", type=int, default=500)
@@ -84,8 +85,11 @@ def main() -> None:
     ws = Workspace(Path(args.workspace or tmp.name))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    res = prepare_synthetic(ws, name="bench-exits", classes=args.classes, videos_per_class=args.videos_per_class, seed=0)
-    info = load_dataset(res.path)
+    if args.data:
+        info = load_dataset(Path(args.data))
+    else:
+        res = prepare_synthetic(ws, name="bench-exits", classes=args.classes, videos_per_class=args.videos_per_class, seed=0)
+        info = load_dataset(res.path)
     timings["prepare_s"] = time.perf_counter() - t0
 
     options = json.loads(args.options)
