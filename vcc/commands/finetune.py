@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
         warmup: Annotated[float, typer.Option("--warmup", help="Epochs of linear lr warm-up.")] = 0.0,
         weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay (not on biases/norms).")] = 5e-4,
-        workers: Annotated[int, typer.Option("--workers", "-j", help="Loader worker processes.")] = 1,
+        workers: Annotated[int, typer.Option("--workers", "-j", help="Loader worker processes (0: decode in the main process).")] = 0,
         device: DeviceOpt = "auto",
         amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
         compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,

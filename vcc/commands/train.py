@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         schedule: Annotated[str, typer.Option("--schedule", help="cosine, step (x0.1 every third of the epochs) or constant.")] = "cosine",
         warmup: Annotated[float, typer.Option("--warmup", help="Epochs of linear lr warm-up.")] = 1.0,
         weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay (not on biases/norms).")] = 5e-4,
-        workers: Annotated[int | None, typer.Option("--workers", "-j", help="Loader worker processes [default: 1].")] = None,
+        workers: Annotated[int | None, typer.Option("--workers", "-j", help="Loader worker processes [default: 0 on CPU, up to 8 on CUDA].")] = None,
         device: DeviceOpt = "auto",
         amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = True,
         compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA; first epoch slower).")] = False,
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
                         raise UsageError("--data NAME is required (or --resume RUN)")
                     cfg = TrainConfig(
                         frames=frames, size=size, epochs=epochs or 10, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                        schedule=schedule, warmup=warmup, weight_decay=weight_decay, workers=1 if workers is None else workers,
+                        schedule=schedule, warmup=warmup, weight_decay=weight_decay, workers=_auto_workers(device) if workers is None else workers,
                         device=device, amp=amp, compile=compile_, seed=seed, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
                         stop_after=stop_after, max_batches=max_batches,
                     )
@@ -90,6 +90,15 @@ def register(app: typer.Typer) -> None:
             raise VccError(f"interrupted: the last checkpoint is kept; continue with `vcc train --resume {run}`", exit_code=130) from None
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
             render(_report(res), fmt)
+
+
+def _auto_workers(device: str) -> int:
+    """0 on CPU (decoding competes with the model for the cores), else up to 8 processes."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _report(res):

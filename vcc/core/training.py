@@ -60,7 +60,7 @@ class TrainConfig:
     warmup: float = 1.0  # epochs of linear warm-up (fractions allowed)
     weight_decay: float = 5e-4
     momentum: float = 0.9
-    workers: int = 1
+    workers: int = 0  # loader processes; 0 decodes in the main process (best on a small CPU)
     device: str = "auto"
     amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + GradScaler); ignored on CPU
     compile: bool = False

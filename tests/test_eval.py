@@ -1,0 +1,122 @@
+"""Evaluation: aggregation maths, `vcc eval` JSON/CSV, crops and clips, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.conftest import run_vcc
+from vcc.cli import app
+from vcc.core.artefact import ModelMeta, input_spec, load_model, save_model
+from vcc.core.evaluate import (
+    confusion_matrix,
+    measure_latency,
+    topk_accuracy,
+    video_accuracy,
+    video_scores,
+)
+from vcc.core.models import build_model
+
+runner = CliRunner()
+KEYS = {"clip_top1", "clip_top5", "video_top1", "video_top5", "videos", "clips", "latency_ms", "clips_per_s"}
+
+
+def test_video_score_is_mean_of_clip_softmax() -> None:
+    # video 0: clips disagree, the confident clip wins on mean softmax; video 1: one clip only
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.3, 0.1], [0.0, 0.0, 2.0]])
+    labels = torch.tensor([0, 0, 2])
+    vidx = torch.tensor([7, 7, 3])
+    scores, vlabels, vids = video_scores(logits, labels, vidx)
+    assert vids.tolist() == [3, 7] and vlabels.tolist() == [2, 0]
+    expect = (torch.softmax(logits[0], 0) + torch.softmax(logits[1], 0)) / 2
+    assert torch.allclose(scores[1], expect)
+    acc = video_accuracy(logits, labels, vidx, topk=(1, 2))
+    assert acc["clip_top1"] == pytest.approx(2 / 3) and acc["video_top1"] == 1.0
+    assert acc["clip_top2"] == pytest.approx(2 / 3)  # clip 1's top-2 is {1, 2}: misses label 0
+    assert topk_accuracy(torch.eye(3), torch.tensor([0, 1, 0]), 1) == pytest.approx(2 / 3)
+    assert topk_accuracy(torch.eye(3), torch.tensor([0, 1, 0]), 5) == 1.0  # k capped at C
+
+
+def test_confusion_rows_are_true_class() -> None:
+    cm = confusion_matrix(torch.tensor([1, 1, 0, 2]), torch.tensor([0, 1, 0, 2]), 3)
+    assert cm == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+
+
+def test_measure_latency_positive() -> None:
+    model = build_model("r3d_tiny", num_classes=4)
+    meta = ModelMeta(arch="r3d_tiny", num_classes=4, input=input_spec(8, 32))
+    ms = measure_latency(model, meta, "cpu", batch=1, warmup=1, runs=3)
+    assert 0 < ms < 10_000 and model.training  # mode restored
+
+
+def test_eval_cli_json(ws, tiny_synthetic, tiny_model) -> None:
+    proc = run_vcc("eval", str(tiny_model), "--data", str(tiny_synthetic), "--clips", "2", "--device", "cpu", "-f", "json", check=True)
+    doc = json.loads(proc.stdout)
+    assert KEYS <= doc.keys()
+    assert doc["videos"] == 8 and doc["clips"] == 16
+    for k in ("clip_top1", "clip_top5", "video_top1", "video_top5"):
+        assert 0.0 <= doc[k] <= 1.0
+    assert doc["video_top5"] == 1.0  # 4 classes: top-5 always hits
+    assert doc["latency_ms"] > 0 and doc["clips_per_s"] > 0
+    assert set(doc["per_class"]) == {"up", "down", "sideways", "still"}
+    assert sum(map(sum, doc["confusion"])) == 8
+    # video top-1 agrees with the confusion matrix diagonal
+    assert math.isclose(doc["video_top1"], sum(doc["confusion"][i][i] for i in range(4)) / 8)
+    csv = (tiny_model.parent / "tiny_model.confusion.csv").read_text().splitlines()
+    assert csv[0].split(",")[1:] == ["up", "down", "sideways", "still"] and len(csv) == 5
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_three_crops_matches_manual_aggregation(tiny_synthetic, tiny_model) -> None:
+    """3 crops x 2 clips per video; the video score equals the hand-made mean of clip softmax."""
+    from vcc.core.data.loader import make_loader
+    from vcc.core.data.manifest import load_dataset
+    from vcc.core.evaluate import evaluate
+
+    info = load_dataset(tiny_synthetic)
+    model, meta = load_model(tiny_model)
+    out = evaluate(model, meta, info, split="test", clips=2, crops=3, batch_size=8, device="cpu", latency_runs=2)
+    assert out["clips"] == 8 * 6 and out["videos"] == 8
+    loader = make_loader(info, "test", train=False, frames=meta.frames, size=meta.size, batch_size=5, clips=2, crops=3)
+    probs: dict[int, list[torch.Tensor]] = {}
+    labels: dict[int, int] = {}
+    with torch.no_grad():
+        for x, y, v in loader:
+            x = (x.float() / 255 - torch.tensor(meta.mean).view(1, 3, 1, 1, 1)) / torch.tensor(meta.std).view(1, 3, 1, 1, 1)
+            for p, yy, vv in zip(torch.softmax(model(x), 1), y.tolist(), v.tolist(), strict=True):
+                probs.setdefault(vv, []).append(p)
+                labels[vv] = yy
+    assert all(len(p) == 6 for p in probs.values())
+    manual = sum(int(torch.stack(p).mean(0).argmax() == labels[v]) for v, p in probs.items()) / len(probs)
+    assert out["video_top1"] == pytest.approx(manual)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["eval", "{model}", "--data", "nope"], 1, "dataset 'nope' not found"),
+        (["eval", "ghost-run", "--data", "{data}"], 1, "ghost-run"),
+        (["eval", "{model}", "--data", "{data}", "--crops", "2"], 2, "--crops must be 1 or 3"),
+        (["eval", "{model}", "--data", "{data}", "--split", "val"], 1, "'val'"),
+        (["eval", "{model}", "--data", "{data}", "--threshold", "0.5"], 2, "multi-exit"),
+    ],
+)
+def test_eval_bad_input(ws, tiny_synthetic, tiny_model, args, code, needle) -> None:
+    args = [a.replace("{data}", str(tiny_synthetic)).replace("{model}", str(tiny_model)) for a in args]
+    res = runner.invoke(app, ["--workspace", str(ws.root), *args])
+    assert res.exit_code == code, res.output
+    assert needle in res.output and "Traceback" not in res.output
+
+
+def test_eval_class_mismatch(ws, tiny_synthetic) -> None:
+    model = build_model("r3d_tiny", num_classes=4)
+    meta = ModelMeta(arch="r3d_tiny", num_classes=4, classes=["a", "b", "c", "d"], input=input_spec(8, 32))
+    path = ws.root / "abcd.safetensors"
+    save_model(path, model, meta)
+    res = runner.invoke(app, ["--workspace", str(ws.root), "eval", str(path), "--data", str(tiny_synthetic)])
+    assert res.exit_code == 1
+    assert "class mismatch" in res.output and "abcd.safetensors" in res.output and "'tiny'" in res.output

@@ -1,0 +1,309 @@
+"""Training: the fit loop, checkpoints and exact resume, KD, finetune, bad input, DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from typer.testing import CliRunner
+
+from tests.conftest import run_vcc
+from vcc.cli import app
+from vcc.core.artefact import ModelMeta, input_spec, load_model, read_doc, save_model
+from vcc.core.models import build_model
+from vcc.core.training import Loaders, TrainConfig, fit, kd_loss, lr_factor, weights_sha256
+
+runner = CliRunner()
+FAST = ["--epochs", "1", "--workers", "0", "--batch-size", "8", "--device", "cpu"]
+
+
+def _cli(ws, *args: str):
+    res = runner.invoke(app, ["--workspace", str(ws.root), *args])
+    assert res.exit_code == 0, (res.output, res.exception)
+    return res
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_model(path)
+    return model.state_dict()
+
+
+def _memory_loaders(n: int = 16, classes: int = 4, seed: int = 0) -> Loaders:
+    """In-memory uint8 clips (batch format of the real loader) for loop-level tests."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 8, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(n) % classes
+    ds = TensorDataset(x, y, torch.arange(n))
+    return Loaders(DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed)),
+                   DataLoader(ds, batch_size=8), [f"c{i}" for i in range(classes)])
+
+
+def _tiny(classes: int = 4) -> tuple[nn.Module, ModelMeta]:
+    torch.manual_seed(0)
+    model = build_model("r3d_tiny", num_classes=classes)
+    meta = ModelMeta(arch="r3d_tiny", num_classes=classes, classes=[f"c{i}" for i in range(classes)], input=input_spec(8, 32))
+    return model, meta
+
+
+# ---------------------------------------------------------------- CLI: artefacts, metrics, resume
+
+
+def test_train_cli_writes_artefacts_and_metrics(ws, tiny_synthetic) -> None:
+    proc = run_vcc("train", "--data", str(tiny_synthetic), "--name", "r1", *FAST, "--format", "json", check=True)
+    doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
+    run = ws.run_dir("r1")
+    assert doc["run"] == "r1" and Path(doc["model"]) == run / "model.safetensors"
+    for f in ("model", "best", "last", "checkpoint"):
+        assert (run / f"{f}.safetensors").is_file()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec["epoch"] == 1 and 0.0 <= rec["val_video_top1"] <= 1.0 and rec["train_loss"] > 0
+    model, meta = load_model(run / "model.safetensors")
+    assert meta.arch == "r3d_tiny" and meta.classes == ["up", "down", "sideways", "still"]
+    assert meta.frames == 8 and meta.size == 32
+    assert meta.provenance["metrics"]["epoch"] == 1 and "val_video_top1" in meta.provenance["metrics"]
+    ckpt = json.loads((run / "checkpoint.json").read_text())
+    assert ckpt["epoch"] == 1 and ckpt["config"]["epochs"] == 1
+    assert "Traceback" not in proc.stderr and "epoch 1/1" in proc.stderr
+
+
+def test_resume_is_bit_exact(ws, tiny_synthetic) -> None:
+    """A run stopped after epoch 1 and resumed ends with the same weights as an uninterrupted one."""
+    common = ["train", "--data", str(tiny_synthetic), "--epochs", "2", "--workers", "0", "--device", "cpu", "--seed", "3",
+              "--max-batches", "1", "-f", "json"]
+    _cli(ws, *common, "--name", "full")
+    _cli(ws, *common, "--name", "part", "--stop-after", "1")
+    part = ws.run_dir("part")
+    assert json.loads((part / "checkpoint.json").read_text())["epoch"] == 1
+    first = _state(part / "last.safetensors")
+    res = _cli(ws, "train", "--resume", "part", "-f", "json")
+    assert json.loads(res.stdout)["epochs"] == 2
+    a, b = _state(ws.run_dir("full") / "last.safetensors"), _state(part / "last.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert not all(torch.equal(first[k], b[k]) for k in b)  # epoch 2 did train
+    lines = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    full = [json.loads(x) for x in (ws.run_dir("full") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert [r["train_loss"] for r in lines] == [r["train_loss"] for r in full]
+
+
+def test_interrupt_keeps_resumable_checkpoint(tmp_path) -> None:
+    """KeyboardInterrupt mid-run saves a checkpoint; resume=True finishes the run."""
+    model, meta = _tiny()
+    cfg = TrainConfig(epochs=2, device="cpu", warmup=0, workers=0)
+
+    def boom(epoch: int, m: nn.Module) -> dict:
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return {"hook": epoch}
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, meta, _memory_loaders(), cfg, tmp_path, epoch_hook=boom)
+    doc = read_doc(tmp_path / "checkpoint.safetensors")
+    assert doc["interrupted"] == {"epoch": 1, "batch": 1} and doc["epoch"] == 1
+    model2, _ = _tiny()
+    res = fit(model2, meta, _memory_loaders(), cfg, tmp_path, resume=True, epoch_hook=lambda e, m: {"hook": e})
+    assert [h["epoch"] for h in res.history] == [1, 2] and res.history[0]["hook"] == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_checkpoint(ws, tiny_synthetic) -> None:
+    env = {**os.environ, "VCC_HOME": str(ws.root)}
+    proc = subprocess.Popen([sys.executable, "-m", "vcc", "train", "--data", str(tiny_synthetic), "--name", "cc", "--epochs", "50",
+                             "--workers", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ckpt = ws.run_dir("cc") / "checkpoint.json"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume cc" in err and "Traceback" not in err
+    doc = json.loads(ckpt.read_text())
+    assert doc["epoch"] >= 1 and out == ""
+
+
+# ---------------------------------------------------------------- loop semantics
+
+
+def test_frozen_params_and_buffers_stay(tmp_path) -> None:
+    model, meta = _tiny()
+    model.register_buffer("fixed_mask", torch.rand(5))
+    frozen_before = {k: v.clone() for k, v in model.layer1.state_dict().items()}
+    model.layer1.requires_grad_(False)
+    before_fc = model.fc.weight.detach().clone()
+    mask = model.fixed_mask.clone()
+    res = fit(model, meta, _memory_loaders(), TrainConfig(epochs=1, device="cpu", workers=0), tmp_path / "run")
+    after = model.layer1.state_dict()
+    assert all(torch.equal(frozen_before[k], after[k]) for k in frozen_before), "frozen layer (incl. BN stats) changed"
+    assert torch.equal(model.fixed_mask, mask)
+    assert not torch.equal(model.fc.weight, before_fc)
+    assert res.best["epoch"] == 1
+
+
+def test_param_groups_and_custom_criterion(tmp_path) -> None:
+    model, meta = _tiny()
+    seen = []
+
+    def crit(m, x, y, epoch):
+        seen.append(x.dtype)
+        logits = m(x)
+        return nn.functional.cross_entropy(logits, y) + 0.0 * logits.sum(), logits
+
+    groups = [{"params": list(model.fc.parameters()), "lr": 0.5}, {"params": list(model.layer4.parameters()), "lr": 0.001}]
+    before = model.conv1.weight.detach().clone()
+    fit(model, meta, _memory_loaders(), TrainConfig(epochs=1, device="cpu", warmup=0, schedule="constant"), tmp_path, criterion=crit, param_groups=groups)
+    assert seen and all(d == torch.float32 for d in seen)  # uint8 normalised before the criterion
+    assert torch.equal(model.conv1.weight, before)  # not in any group
+
+
+def test_kd_loss_is_hinton_form() -> None:
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    T = 3.0
+    p = torch.softmax(t / T, 1)
+    manual = (p * (p.log() - torch.log_softmax(s / T, 1))).sum(1).mean() * T * T
+    assert torch.allclose(kd_loss(s, t, T), manual, atol=1e-6)
+    assert kd_loss(t, t, T).abs() < 1e-6
+
+
+def test_lr_schedule_warmup_and_cosine() -> None:
+    f = lr_factor(TrainConfig(epochs=4, warmup=1, schedule="cosine"), steps_per_epoch=10)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0) and f(39) < 0.01
+    g = lr_factor(TrainConfig(epochs=6, warmup=0, schedule="step", step_size=2, gamma=0.1), steps_per_epoch=5)
+    assert g(0) == 1.0 and g(10) == pytest.approx(0.1) and g(29) == pytest.approx(0.01)
+
+
+def test_kd_training_via_cli(ws, tiny_synthetic, tiny_model) -> None:
+    res = _cli(ws, "train", "--data", str(tiny_synthetic), "--name", "kd", "--teacher", str(tiny_model), "--kd-alpha", "0.7",
+               "--kd-temperature", "2", *FAST, "--max-batches", "1", "-f", "json")
+    doc = json.loads(res.stdout)
+    run = json.loads((ws.run_dir("kd") / "run.json").read_text())
+    assert run["teacher"] == str(tiny_model) and run["config"]["kd_alpha"] == 0.7
+    assert doc["history"][0]["train_loss"] > 0
+
+
+def test_init_from_third_party_pth(ws, tiny_synthetic, tmp_path) -> None:
+    torch.manual_seed(5)
+    donor = build_model("r3d_tiny", num_classes=10)  # other class count: the head is skipped
+    pth = tmp_path / "w.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in donor.state_dict().items()}}, pth)
+    res = _cli(ws, "train", "--data", str(tiny_synthetic), "--name", "ini", "--init", str(pth), *FAST, "--max-batches", "1",
+               "--lr", "1e-9", "--warmup", "0", "-f", "json")
+    assert json.loads(res.stdout)["run"] == "ini"
+    got = _state(ws.run_dir("ini") / "last.safetensors")
+    # conv weights came from the donor (lr ~0 keeps them); the classifier did not
+    assert torch.allclose(got["conv1.weight"], donor.state_dict()["conv1.weight"], atol=1e-6)
+    assert got["fc.weight"].shape[0] == 4
+
+
+# ---------------------------------------------------------------- finetune keeps structure
+
+
+def test_finetune_keeps_pruned_shapes_and_masks(ws, tiny_synthetic) -> None:
+    import torch_pruning as tp
+
+    from vcc.core.compress import magnitude  # noqa: F401 - registers the "masks" wrapper
+    from vcc.core.models import apply_wrappers
+
+    model, _ = _tiny()
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 8, 32, 32))
+    dg.get_pruning_group(model.layer1[0].conv1, tp.prune_conv_out_channels, idxs=[0, 1, 2, 3]).prune()
+    wrappers = [{"name": "masks", "options": {"layers": ["layer2.0.conv1"]}}]
+    model = apply_wrappers(model, wrappers)
+    mask = (torch.rand_like(model.layer2[0].conv1.weight_mask) > 0.5).float()
+    model.layer2[0].conv1.weight_mask.copy_(mask)
+    meta = ModelMeta(arch="r3d_tiny", num_classes=4, classes=["up", "down", "sideways", "still"], input=input_spec(8, 32), wrappers=wrappers)
+    src = ws.root / "pruned.safetensors"
+    save_model(src, model, meta)
+    res = _cli(ws, "finetune", str(src), "--data", str(tiny_synthetic), "--name", "ft", "--epochs", "1", "--workers", "0",
+               "--device", "cpu", "--max-batches", "1", "-f", "json")
+    doc = json.loads(res.stdout)
+    tuned, tmeta = load_model(doc["model"])
+    assert tuned.layer1[0].conv1.out_channels == 12 and tuned.layer1[0].bn1.num_features == 12
+    assert tmeta.wrappers == wrappers
+    assert torch.equal(tuned.layer2[0].conv1.weight_mask, mask)
+    tuned(torch.randn(1, 3, 8, 32, 32))  # torch's prune hook recomputes weight = weight_orig * mask
+    assert torch.all(tuned.layer2[0].conv1.weight[mask == 0] == 0)
+    before = _state_model(model)
+    assert not torch.equal(before["fc.weight"], tuned.state_dict()["fc.weight"])  # it did train
+    assert tmeta.provenance["parent_sha256"] and tmeta.provenance["step"] == "finetune"
+
+
+def _state_model(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["train", "--data", "nope"], 1, "dataset 'nope' not found"),
+        (["train", "--resume", "ghost"], 1, "no resumable run 'ghost'"),
+        (["train", "--data", "{data}", "--optimizer", "adam"], 2, "--optimizer must be one of"),
+        (["train", "--data", "{data}", "--arch", "resnet9000"], 2, "unknown arch"),
+        (["train", "--data", "{data}", "--device", "cuda:7"], 2, "--device"),
+        (["train"], 2, "--data NAME is required"),
+        (["finetune", "missing.safetensors", "--data", "{data}"], 1, "missing.safetensors"),
+    ],
+)
+def test_bad_input_one_line(ws, tiny_synthetic, args, code, needle) -> None:
+    if torch.cuda.device_count() > 7 and "cuda:7" in args:
+        pytest.skip("machine has 8 GPUs")
+    args = [a.replace("{data}", str(tiny_synthetic)) for a in args]
+    res = runner.invoke(app, ["--workspace", str(ws.root), *args])
+    assert res.exit_code == code, res.output
+    assert needle in res.output and "Traceback" not in res.output
+
+
+def test_class_mismatch_names_both(ws, tiny_synthetic) -> None:
+    model, meta = _tiny(classes=3)
+    path = ws.root / "three.safetensors"
+    save_model(path, model, meta)
+    res = runner.invoke(app, ["--workspace", str(ws.root), "finetune", str(path), "--data", str(tiny_synthetic), "--epochs", "1"])
+    assert res.exit_code == 1
+    line = res.output.strip().splitlines()[-1]
+    assert "class mismatch" in line and "3 classes" in line and "4" in line and "tiny" in line
+
+
+def test_name_clash_is_refused(ws, tiny_synthetic) -> None:
+    run = ws.run_dir("taken", create=True)
+    (run / "x").write_text("x")
+    res = runner.invoke(app, ["--workspace", str(ws.root), "train", "--data", str(tiny_synthetic), "--name", "taken"])
+    assert res.exit_code == 2 and "--resume taken" in res.output
+
+
+# ---------------------------------------------------------------- distributed (gloo, 2 processes)
+
+
+@pytest.mark.slow
+def test_torchrun_gloo_two_ranks_agree(ws, tiny_synthetic, tmp_path) -> None:
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    hashes = tmp_path / "hashes"
+    env = {**os.environ, "VCC_HOME": str(ws.root), "VCC_WEIGHTS_HASH_DIR": str(hashes), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "vcc", "train", "--data", str(tiny_synthetic),
+                           "--name", "ddp", *FAST, "-f", "json"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)  # rank 0 alone printed the result
+    r0, r1 = (hashes / "rank0.sha256").read_text(), (hashes / "rank1.sha256").read_text()
+    assert r0 == r1
+    model, _ = load_model(doc["last"])
+    assert weights_sha256(model) == r0.strip()
+    assert doc["history"][0]["epoch"] == 1
