@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,16 @@ def _load_teacher(ws: Workspace, spec: str | None, classes: list[str]) -> tuple[
     return teacher, str(path)
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def _new_run_dir(ws: Workspace, name: str | None, default: str) -> tuple[str, Path]:
-    if name:
+    if _rank() > 0:  # under torchrun rank 0 alone checks and writes; every rank uses the same name
+        name = name or default
+        return name, ws.run_dir(name)
+    if name or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = name or default
         run_dir = ws.run_dir(name)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(f"run {name!r} already exists in {ws.runs_dir}; continue it with --resume {name} or pick another --name")
@@ -189,10 +198,11 @@ def _run(ws: Workspace, info: Any, model: nn.Module, meta: ModelMeta, cfg: Train
     check_classes(meta, list(info.classes), model_name=f"model ({arch})", data_name=f"dataset {info.name!r}")
     run_name, run_dir = _new_run_dir(ws, name, default_name)
     cfg = dataclasses.replace(cfg, command=command, init=str(parent) if parent else None)
-    atomic_write_json(run_dir / RUN_FILE, {
-        "command": command, "data": str(info.root), "teacher": teacher_path,
-        "parent": str(parent) if parent else None, "config": cfg.to_json(), "meta": meta.to_json(),
-    })
+    if _rank() == 0:
+        atomic_write_json(run_dir / RUN_FILE, {
+            "command": command, "data": str(info.root), "teacher": teacher_path,
+            "parent": str(parent) if parent else None, "config": cfg.to_json(), "meta": meta.to_json(),
+        })
     res = fit(model, meta, info, cfg, run_dir, teacher=teacher, progress=progress)
     return RunResult(run_name, run_dir, res, notes)
 
@@ -223,7 +233,8 @@ def resume(ws: Workspace, run: str, *, overrides: dict[str, Any] | None = None, 
     info = load_dataset(spec["data"])
     teacher, _ = _load_teacher(ws, spec.get("teacher"), list(info.classes))
     spec["config"] = cfg.to_json()
-    atomic_write_json(run_file, spec)
+    if _rank() == 0:
+        atomic_write_json(run_file, spec)
     res = fit(model, meta, info, cfg, run_dir, teacher=teacher, resume=True, progress=progress)
     return RunResult(run, run_dir, res, [f"resumed after epoch {doc['epoch']}"])
 

@@ -544,6 +544,8 @@ def _fit(
                         "clips/s": seen / max(1e-9, now - t0), "lr": optimizer.param_groups[0]["lr"],
                     })
             train_time = time.perf_counter() - t0
+            if dd.world > 1:
+                _broadcast_buffers(raw)
             train_loss, train_acc = _reduce_train_stats(sum_loss, correct, seen, device, dd)
             if not math.isfinite(train_loss):
                 raise VccError(f"training diverged (loss {train_loss}) in epoch {epoch + 1}: try a lower --lr")
@@ -588,6 +590,14 @@ def _fit(
     _write_weights_hash(raw, dd)
     best_clean = {k: v for k, v in best.items() if k != "_score"}
     return FitResult(best_path, last_path, model_path, history, best_clean)
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BN running stats) everywhere: DDP syncs them only at the next forward."""
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
 
 
 def _reduce_train_stats(sum_loss: torch.Tensor, correct: torch.Tensor, seen: int, device: torch.device, dd: _Dist) -> tuple[float, float]:
