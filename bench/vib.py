@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning epochs under frozen masks (0: none)")
     ap.add_argument("--lr", type=float, default=2e-3, help="AdamW lr of the baseline")
     ap.add_argument("--vib-lr", type=float, default=1e-3, help="AdamW weight lr during VIB and fine-tuning")
-    ap.add_argument("--ib-lr", type=float, default=0.02)
+    ap.add_argument("--ib-lr", type=float, default=0.1)
     ap.add_argument("--kml", type=float, default=1.0)
     ap.add_argument("--kl-factor", type=float, default=2e-3)
     ap.add_argument("--end-to-end", action="store_true", help="train the cnn_lstm backbone during VIB too")

@@ -650,7 +650,7 @@ def prune_vib(
     run_dir: str | Path,
     *,
     kml: float = 1.0,
-    ib_lr: float = 0.02,
+    ib_lr: float = 0.1,
     kl_factor: float = 2e-3,
     mask_threshold: float = 0.0,
     kml_layer: dict[str, float] | None = None,
