@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         sparsity: Annotated[float | None, typer.Option("--sparsity", help="magnitude: fraction of weights to mask in every conv/linear but the classifier.")] = None,
         sparsity_csv: Annotated[str | None, typer.Option("--sparsity-csv", help="magnitude: per-layer sparsities, CSV rows 'layer,sparsity'.")] = None,
         kml: Annotated[float, typer.Option("--kml", help="vib: KL multiplier per layer.")] = 1.0,
-        ib_lr: Annotated[float, typer.Option("--ib-lr", help="vib: learning rate of the gate parameters (mu, logD).")] = 0.02,
+        ib_lr: Annotated[float, typer.Option("--ib-lr", help="vib: learning rate of the gate parameters (mu, logD).")] = 0.1,
         kl_factor: Annotated[float, typer.Option("--kl-factor", help="vib: global KL factor (higher prunes more).")] = 2e-3,
         mask_threshold: Annotated[float, typer.Option("--mask-threshold", help="vib: keep a unit iff log alpha < threshold.")] = 0.0,
         kml_layer: Annotated[list[str] | None, typer.Option("--kml-layer", help="vib: NAME=K, a layer's own KL multiplier (repeatable).")] = None,
