@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -66,7 +67,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--batches", type=int, default=8, help="taylor ranking batches")
     ap.add_argument("--eval-clips", type=int, default=3)
-    ap.add_argument("--latency-runs", type=int, default=30)
+    ap.add_argument("--latency-runs", type=int, default=20)
+    ap.add_argument("--latency-rounds", type=int, default=9, help="interleaved rounds (the median round is reported)")
     ap.add_argument("--methods", default="taylor,l1,tp-magnitude")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--workspace", default=None, help="keep artefacts here (default: a temp dir)")
@@ -91,7 +93,7 @@ def main() -> None:
     timings: dict[str, float] = {}
     ds_opts = {"classes": 4, "videos_per_class": 8, "frames": 16, "size": 32} if args.quick else {}
     if args.quick:
-        args.epochs, args.finetune_epochs, args.batches, args.eval_clips, args.latency_runs = 2, 1, 2, 1, 10
+        args.epochs, args.finetune_epochs, args.batches, args.eval_clips, args.latency_runs, args.latency_rounds = 2, 1, 2, 1, 10, 3
     res = prepare_synthetic(ws, name="bench-prune" + ("-quick" if args.quick else ""), **ds_opts)
     info = load_dataset(res.path)
     timings["prepare_s"] = time.perf_counter() - t0
@@ -147,15 +149,16 @@ def main() -> None:
 
     # latency: interleave unpruned and pruned measurements to share the machine's noise
     lat: dict[str, list[float]] = {"base": [], **{k: [] for k in pruned_models}}
-    for _ in range(3):
+    for _ in range(args.latency_rounds):
         lat["base"].append(measure_latency(base.cpu(), meta, "cpu", batch=1, warmup=5, runs=args.latency_runs))
         for k, m in pruned_models.items():
             lat[k].append(measure_latency(m.cpu(), meta, "cpu", batch=1, warmup=5, runs=args.latency_runs))
-    lat_ms = {k: round(min(v), 3) for k, v in lat.items()}
+    lat_ms = {k: round(statistics.median(v), 3) for k, v in lat.items()}
+    lat_min = {k: round(min(v), 3) for k, v in lat.items()}
     for k in pruned_models:
         speedup = lat_ms["base"] / lat_ms[k]
         reduction = base_macs / results[k]["macs"]
-        results[k].update({"latency_ms": lat_ms[k], "speedup": round(speedup, 3), "macs_reduction": round(reduction, 3),
+        results[k].update({"latency_ms": lat_ms[k], "latency_min_ms": lat_min[k], "speedup": round(speedup, 3), "macs_reduction": round(reduction, 3),
                            "speedup_over_macs_reduction": round(speedup / reduction, 3)})
     taylor = results.get("taylor")
     out = {
@@ -165,9 +168,9 @@ def main() -> None:
                   "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "lr": args.lr, "finetune_lr": args.finetune_lr,
                   "optimizer": "adamw", "target_macs": args.target_macs,
                   "scope": args.scope, "eval_clips": args.eval_clips, "threads": torch.get_num_threads(),
-                  "latency": f"min over 3 interleaved rounds of the median of {args.latency_runs} batch-1 CPU forwards"},
+                  "latency": f"median over {args.latency_rounds} interleaved rounds of the median of {args.latency_runs} batch-1 CPU forwards"},
         "unpruned": {"macs": base_macs, "params": base_params, "video_top1": base_eval["video_top1"],
-                     "clip_top1": base_eval["clip_top1"], "latency_ms": lat_ms["base"]},
+                     "clip_top1": base_eval["clip_top1"], "latency_ms": lat_ms["base"], "latency_min_ms": lat_min["base"]},
         "methods": results,
         "goals": None if taylor is None else {
             "taylor_top1_within_1pt": taylor["top1_gap_points"] <= 1.0,
