@@ -1,7 +1,7 @@
 """A generated motion dataset: real encoded videos whose classes only motion tells apart.
 
-Every video shows six shapes (random kind, size and colour) on a random textured background
-with per-frame noise. Five shapes move alike, one stays still. The class is how the shapes
+Every video shows nine shapes (random kind, size and colour) on a random textured background
+with per-frame noise. Eight shapes move alike, one stays still. The class is how the shapes
 move (up, down, sideways, growing, ...). The appearance (background, shapes, colours, start
 position, speed) is drawn from the video's number alone, so video k of every class looks the
 same in any single frame: only motion tells the classes apart, and memorising a background
@@ -42,7 +42,7 @@ MOTIONS = [
 ]
 DEFAULTS: dict[str, Any] = {"classes": 8, "videos_per_class": 24, "frames": 40, "size": 64, "seed": 0}
 TEST_FRACTION = 0.25
-MOVERS = 5  # moving shapes per video
+MOVERS = 8  # moving shapes per video
 FPS = 25
 
 
@@ -69,7 +69,7 @@ def prepare_synthetic(
     if size < 16 or size % 2:
         raise UsageError(f"--size must be an even number >= 16, got {size}")
     folder = ws.dataset_dir(name)
-    options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 7}
+    options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 8}
     existing = _reuse(folder, options)
     if existing is not None:
         return existing
