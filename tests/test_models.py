@@ -212,7 +212,7 @@ def _check_sequence_contract(model: nn.Module, x: torch.Tensor, classes: int) ->
 
 @pytest.mark.parametrize(
     ("backbone", "size", "dim"),
-    [("tiny", 32, 64), ("resnet18", 32, 512), ("mobilenet_v2", 32, 1280), ("efficientnet_b0", 32, 1280), ("inception_v3", 75, 2048)],
+    [("tiny", 32, 512), ("resnet18", 32, 512), ("mobilenet_v2", 32, 1280), ("efficientnet_b0", 32, 1280), ("inception_v3", 75, 2048)],
 )
 def test_cnn_lstm_backbones(backbone: str, size: int, dim: int) -> None:
     model = build_model("cnn_lstm", 6, backbone=backbone, hidden_size=16).eval()

@@ -53,17 +53,21 @@ class SequenceClassifier(nn.Module):
 
 
 class TinyCNN2D(nn.Sequential):
-    """Three strided 3x3 conv-BN-ReLU layers (16, 32, 64 channels) and a global average pool."""
+    """Three strided 3x3 conv-BN-ReLU layers (16, 32, 32 channels), then a `grid` x `grid` average pool.
 
-    def __init__(self, width: int = 16) -> None:
+    Keeping a coarse spatial grid (not a global pool) lets the LSTM see where things are in
+    each frame, so it can learn motion (direction, trajectory) from the sequence of features.
+    """
+
+    def __init__(self, width: int = 16, grid: int = 4) -> None:
         layers: list[nn.Module] = []
         cin = 3
-        for cout in (width, width * 2, width * 4):
+        for cout in (width, width * 2, width * 2):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
             cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+        layers += [nn.AdaptiveAvgPool2d(grid), nn.Flatten(1)]
         super().__init__(*layers)
-        self.dim = cin
+        self.dim = cin * grid * grid
 
 
 def _resnet18() -> tuple[nn.Module, int]:
