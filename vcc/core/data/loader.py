@@ -8,8 +8,9 @@ Batches are ``(clips uint8 (N, 3, T, H, W), labels int64 (N,), video_idx int64 (
   the short-side-resized video, a random horizontal flip; videos shuffled.
 * Testing: ``clips`` evenly spaced clips x ``crops`` (1 centre, 3 along the long side) per video,
   in order.
-* Readers open lazily inside each worker process (one decode thread each, a small cache);
-  decord scales frames while decoding, so full-size frames are never copied.
+* Readers open lazily inside each worker process (one decode thread each; kept open only while
+  testing, as an open reader's decoder thread keeps working ahead); decord scales frames while
+  decoding, so full-size frames are never converted or copied.
 * Randomness is a pure function of (seed, epoch, item): the same seed gives the same batches for
   any number of workers, and ``loader.set_epoch(e)`` before iterating resumes bit-exactly.
   Without it, each iteration over the loader advances the epoch by one.
@@ -35,7 +36,7 @@ from vcc.core.errors import UsageError, VccError
 
 log = logging.getLogger("vcc.data")
 MAX_RETRIES = 10
-READER_CACHE = 4
+READER_CACHE = 1  # readers kept open per worker when testing (clips of one video are consecutive)
 
 
 class ClipDataset(Dataset):
@@ -92,8 +93,10 @@ class ClipDataset(Dataset):
         if e.width > 0 and e.height > 0 and min(e.width, e.height) != self.short:
             kw["width"], kw["height"] = transforms.resized_shape(e.width, e.height, self.short)
         reader = decord.VideoReader(e.path, num_threads=1, **kw)
+        # an open decord reader keeps a decoder thread working ahead: keep only what test reuses
+        keep = 0 if self.train else READER_CACHE
         self._readers[vid] = reader
-        while len(self._readers) > READER_CACHE:
+        while len(self._readers) > keep:
             self._readers.popitem(last=False)
         return reader
 

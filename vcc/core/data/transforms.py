@@ -44,14 +44,18 @@ def random_offset(height: int, width: int, size: int, rng: np.random.Generator) 
 
 
 def fit_short_side(frames: np.ndarray, short: int) -> np.ndarray:
-    """Resize uint8 (T, H, W, 3) so the short side is `short` if it is not already (bilinear)."""
+    """Resize uint8 (T, H, W, 3) so the short side is `short` if it is not already (Pillow bilinear,
+    which filters over the whole footprint when shrinking)."""
     t, h, w, _ = frames.shape
     nw, nh = resized_shape(w, h, short)
     if (nh, nw) == (h, w):
         return frames
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    from PIL import Image
+
+    out = np.empty((t, nh, nw, 3), dtype=np.uint8)
+    for i in range(t):
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(frames[i])).resize((nw, nh), Image.BILINEAR))
+    return out
 
 
 def to_clip_tensor(frames: np.ndarray, top: int, left: int, size: int, flip: bool = False) -> torch.Tensor:
