@@ -18,13 +18,13 @@ def register(app: typer.Typer) -> None:
         name: NameOpt = None,
         frames: Annotated[int, typer.Option("--frames", help="Frames per clip (default: the arch's; r3d_tiny 8).", show_default=False)] = 0,
         size: Annotated[int, typer.Option("--size", help="Crop size in pixels (default: the arch's; r3d_tiny 32).", show_default=False)] = 0,
-        epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Epochs (default: 10).")] = None,
+        epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Epochs (default: 20).")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per batch (per process under torchrun).")] = 8,
-        lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 0.05,
-        optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (Nesterov momentum 0.9) or adamw.")] = "sgd",
+        lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 3e-3,
+        optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sgd (Nesterov momentum 0.9; try --lr 0.05).")] = "adamw",
         schedule: Annotated[str, typer.Option("--schedule", help="cosine, step (x0.1 every third of the epochs) or constant.")] = "cosine",
         warmup: Annotated[float, typer.Option("--warmup", help="Epochs of linear lr warm-up.")] = 1.0,
-        weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay (not on biases/norms).")] = 5e-4,
+        weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay (not on biases/norms).")] = 0.01,
         workers: Annotated[int | None, typer.Option("--workers", "-j", help="Loader worker processes (default: 0 on CPU, up to 8 on CUDA).")] = None,
         device: DeviceOpt = "auto",
         amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = True,
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
                     if not data:
                         raise UsageError("--data NAME is required (or --resume RUN)")
                     cfg = TrainConfig(
-                        frames=frames, size=size, epochs=epochs or 10, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                        frames=frames, size=size, epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
                         schedule=schedule, warmup=warmup, weight_decay=weight_decay, workers=_auto_workers(device) if workers is None else workers,
                         device=device, amp=amp, compile=compile_, seed=seed, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
                         stop_after=stop_after, max_batches=max_batches,

@@ -52,13 +52,13 @@ class TrainConfig:
 
     frames: int = 8
     size: int = 32
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 8
-    lr: float = 0.05
-    optimizer: str = "sgd"
+    lr: float = 3e-3
+    optimizer: str = "adamw"
     schedule: str = "cosine"
     warmup: float = 1.0  # epochs of linear warm-up (fractions allowed)
-    weight_decay: float = 5e-4
+    weight_decay: float = 0.01
     momentum: float = 0.9
     workers: int = 0  # loader processes; 0 decodes in the main process (best on a small CPU)
     device: str = "auto"
