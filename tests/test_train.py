@@ -118,7 +118,6 @@ def test_interrupt_keeps_resumable_checkpoint(tmp_path) -> None:
     assert [h["epoch"] for h in res.history] == [1, 2] and res.history[0]["hook"] == 0
 
 
-@pytest.mark.slow
 def test_ctrl_c_exits_130_with_checkpoint(ws, tiny_synthetic) -> None:
     env = {**os.environ, "VCC_HOME": str(ws.root)}
     proc = subprocess.Popen([sys.executable, "-m", "vcc", "train", "--data", str(tiny_synthetic), "--name", "cc", "--epochs", "50",
@@ -291,7 +290,6 @@ def test_name_clash_is_refused(ws, tiny_synthetic) -> None:
 # ---------------------------------------------------------------- distributed (gloo, 2 processes)
 
 
-@pytest.mark.slow
 def test_torchrun_gloo_two_ranks_agree(ws, tiny_synthetic, tmp_path) -> None:
     torchrun = shutil.which("torchrun")
     if torchrun is None:
