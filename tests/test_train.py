@@ -282,7 +282,7 @@ def test_class_mismatch_names_both(ws, tiny_synthetic) -> None:
 
 def test_name_clash_is_refused(ws, tiny_synthetic) -> None:
     run = ws.run_dir("taken", create=True)
-    (run / "x").write_text("x")
+    (run / "model.safetensors").write_text("x")
     res = runner.invoke(app, ["--workspace", str(ws.root), "train", "--data", str(tiny_synthetic), "--name", "taken"])
     assert res.exit_code == 2 and "--resume taken" in res.output
 
@@ -296,7 +296,7 @@ def test_torchrun_gloo_two_ranks_agree(ws, tiny_synthetic, tmp_path) -> None:
         pytest.skip("torchrun not installed")
     hashes = tmp_path / "hashes"
     env = {**os.environ, "VCC_HOME": str(ws.root), "VCC_WEIGHTS_HASH_DIR": str(hashes), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "vcc", "train", "--data", str(tiny_synthetic),
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "vcc", "train", "--data", str(tiny_synthetic),
                            "--name", "ddp", *FAST, "-f", "json"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)  # rank 0 alone printed the result
@@ -305,3 +305,15 @@ def test_torchrun_gloo_two_ranks_agree(ws, tiny_synthetic, tmp_path) -> None:
     model, _ = load_model(doc["last"])
     assert weights_sha256(model) == r0.strip()
     assert doc["history"][0]["epoch"] == 1
+
+
+def test_exits_option_delegates_and_eval_threshold(ws, tiny_synthetic, tiny_model) -> None:
+    """`vcc train --exits` builds a multi-exit artefact (vcc.core.exits); `vcc eval --threshold` runs it."""
+    res = _cli(ws, "train", "--data", str(tiny_synthetic), "--init", str(tiny_model), "--exits", "auto", "--kd", "ce",
+               "--name", "ee", *FAST, "--max-batches", "1", "-f", "json")
+    doc = json.loads(res.stdout)
+    _, meta = load_model(doc["model"])
+    assert any(w["name"] == "exits" for w in meta.wrappers) and meta.frames == 8
+    out = _cli(ws, "eval", "ee", "--data", str(tiny_synthetic), "--threshold", "0.5", "--clips", "1", "-f", "json")
+    ev = json.loads(out.stdout)
+    assert 0.0 <= ev["accuracy"] <= 1.0 and ev["videos"] == 8

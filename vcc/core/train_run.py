@@ -101,7 +101,7 @@ def _new_run_dir(ws: Workspace, name: str | None, default: str) -> tuple[str, Pa
     if name or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         name = name or default
         run_dir = ws.run_dir(name)
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(run_dir.glob("*.safetensors")):  # a run that never finished an epoch is reused
             raise UsageError(f"run {name!r} already exists in {ws.runs_dir}; continue it with --resume {name} or pick another --name")
     else:
         name = ws.unique_run_name(default)
@@ -267,7 +267,7 @@ def train_exits_run(
     teacher_paths = [str(ws.resolve_model(t)) for t in teachers]
     stem = init_path.parent.name if init_path.name == "model.safetensors" else init_path.stem
     run_name, run_dir = _new_run_dir(ws, name, f"{stem}-exits")
-    cfg = dataclasses.replace(cfg, command="train-exits", init=str(init_path))
+    cfg = dataclasses.replace(cfg, command="train-exits", init=str(init_path), frames=cfg.frames or imeta.frames, size=cfg.size or imeta.size)
     atomic_write_json(run_dir / RUN_FILE, {
         "command": "train-exits", "data": str(info.root), "parent": str(init_path), "exits": exits, "kd": kd,
         "teachers": teacher_paths, "kd_epochs": kd_epochs, "config": cfg.to_json(),
