@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         data: Annotated[str | None, typer.Option("--data", "-d", help="Prepared dataset name or folder.")] = None,
         arch: Annotated[str | None, typer.Option("--arch", "-a", help="Model arch (default: r3d_tiny, or --init's arch).")] = None,
         name: NameOpt = None,
+        option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Arch builder option KEY=VALUE (repeatable), e.g. -o backbone=tiny -o hidden_size=64.")] = None,
         frames: Annotated[int, typer.Option("--frames", help="Frames per clip (default: the arch's; r3d_tiny 8).", show_default=False)] = 0,
         size: Annotated[int, typer.Option("--size", help="Crop size in pixels (default: the arch's; r3d_tiny 32).", show_default=False)] = 0,
         epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Epochs (default: 20).")] = None,
@@ -49,7 +50,7 @@ def register(app: typer.Typer) -> None:
         [bold]--resume RUN[/bold] continues it exactly. Under [bold]torchrun --nproc_per_node N -m vcc train ...[/bold]
         it trains with DistributedDataParallel.
         """
-        from vcc.commands._common import ProgressHook, progress, render, workspace
+        from vcc.commands._common import ProgressHook, parse_kv, progress, render, workspace
         from vcc.core import train_run
         from vcc.core.errors import UsageError, VccError
         from vcc.core.training import TrainConfig
@@ -84,7 +85,8 @@ def register(app: typer.Typer) -> None:
                             kd_temperature=kd_temperature, progress=hook,
                         )
                     else:
-                        res = train_run.start_train(ws, data=data, arch=arch, name=name, cfg=cfg, init=init, teacher=teacher, progress=hook)
+                        res = train_run.start_train(ws, data=data, arch=arch, name=name, cfg=cfg, init=init, teacher=teacher,
+                                                    arch_options=parse_kv(option, "--option") or None, progress=hook)
         except KeyboardInterrupt:
             run = resume or name or "RUN"
             raise VccError(f"interrupted: the last checkpoint is kept; continue with `vcc train --resume {run}`", exit_code=130) from None

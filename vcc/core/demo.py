@@ -29,12 +29,12 @@ Log = Callable[[str], None] | None
 class DemoPlan:
     """Sizes and epochs of the demo (the full plan fits in 5 minutes on a 2-core CPU)."""
 
-    classes: int = 6
-    videos_per_class: int = 16
-    video_frames: int = 24
-    video_size: int = 40
-    train_epochs: int = 8
-    finetune_epochs: int = 3
+    classes: int = 8
+    videos_per_class: int = 96
+    video_frames: int = 40
+    video_size: int = 64
+    train_epochs: int = 20
+    finetune_epochs: int = 6
     lstm_epochs: int = 6
     vib_epochs: int = 4
     exit_epochs: int = 3
@@ -44,7 +44,7 @@ class DemoPlan:
 
 
 FULL = DemoPlan()
-QUICK = DemoPlan(classes=4, videos_per_class=8, video_frames=16, video_size=32, train_epochs=3, finetune_epochs=1,
+QUICK = DemoPlan(classes=4, videos_per_class=12, video_frames=16, video_size=32, train_epochs=3, finetune_epochs=1,
                  lstm_epochs=2, vib_epochs=2, exit_epochs=1, wise_iters=60, eval_clips=1, latency_runs=5)
 
 
@@ -132,7 +132,7 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
     stage("prune")
 
     say("4/7 fine-tuning the pruned model and porting it")
-    cfg = dataclasses.replace(base_cfg, epochs=plan.finetune_epochs, lr=0.02, warmup=0)
+    cfg = dataclasses.replace(base_cfg, epochs=plan.finetune_epochs, lr=1e-3, warmup=0)
     ft = train_run.start_finetune(ws, model_spec=str(pruned_path), data=str(info.root), name=names["finetuned"], cfg=cfg, progress=progress)
     fm, fmeta = load_model(ft.fit.model_path)
     out.runs["finetuned"] = str(ft.fit.model_path)
@@ -145,7 +145,7 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
     stage("finetune+port")
 
     say("5/7 training a CNN-LSTM, compressing its LSTM with VIB, porting to a dense nn.LSTM")
-    lstm_cfg = dataclasses.replace(base_cfg, epochs=plan.lstm_epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-4)
+    lstm_cfg = dataclasses.replace(base_cfg, epochs=plan.lstm_epochs, lr=3e-3, weight_decay=1e-4)
     lrun = train_run.start_train(ws, data=str(info.root), arch="cnn_lstm", name=names["lstm"], cfg=lstm_cfg,
                                  arch_options={"backbone": "tiny", "hidden_size": 128}, progress=progress)
     lm, lmeta = load_model(lrun.fit.model_path)
@@ -154,7 +154,7 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
     vib_cfg = dataclasses.replace(lstm_cfg, epochs=plan.vib_epochs, lr=1e-3, warmup=0)
     vib_dir = ws.run_dir(names["vib"])
     with atomic_dir(vib_dir) as tmp:
-        prune_vib(lrun.fit.model_path, info, vib_cfg, tmp, kml=1.0, ib_lr=0.01, kl_factor=1e-4, mask_threshold=0.0,
+        prune_vib(lrun.fit.model_path, info, vib_cfg, tmp, kml=1.0, ib_lr=0.1, kl_factor=2e-3, mask_threshold=0.0,
                   kml_layer={}, finetune=False, freeze_backbone=True, progress=progress)
     gm, gmeta = load_model(vib_dir / "model.safetensors")
     out.runs["vib"] = str(vib_dir / "model.safetensors")
@@ -170,7 +170,7 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
     stage("vib")
 
     say("6/7 early exits on the trained r3d_tiny (progressive KD)")
-    ecfg = dataclasses.replace(base_cfg, epochs=plan.exit_epochs, lr=0.05, warmup=0)
+    ecfg = dataclasses.replace(base_cfg, epochs=plan.exit_epochs, lr=3e-3, warmup=0)
     exits_dir = ws.run_dir(names["exits"], create=True)
     ex = train_exits(base_path, info, ecfg, exits_dir, exits="auto", kd="progressive", progress=progress)
     out.runs["exits"] = str(ex.model_path)

@@ -40,7 +40,7 @@ MOTIONS = [
     "grow",
     "shrink",
 ]
-DEFAULTS: dict[str, Any] = {"classes": 8, "videos_per_class": 24, "frames": 40, "size": 64, "seed": 0}
+DEFAULTS: dict[str, Any] = {"classes": 8, "videos_per_class": 96, "frames": 40, "size": 64, "seed": 0}
 TEST_FRACTION = 0.25
 MOVERS = 8  # moving shapes per video
 FPS = 25
