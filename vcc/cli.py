@@ -9,11 +9,11 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from vcc.commands._common import state
+
 # Exceptions the CLI framework handles itself (usage errors, --help, typer.Exit): typer vendors
 # click in recent versions, so take the classes from typer rather than importing click.
 _PASS_THROUGH = tuple({typer.Exit, typer.Abort, *typer.BadParameter.__mro__[1:3]})
-
-from vcc.commands._common import state
 
 COMMANDS = ["prepare", "train", "rank", "prune", "finetune", "port", "eval", "macs", "wise", "demo"]
 
