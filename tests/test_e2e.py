@@ -39,7 +39,7 @@ def test_pipeline_through_the_cli(tmp_path: Path) -> None:
     assert macs["input"] == [3, 8, 32, 32] and macs["macs"] > 0 and macs["uncounted"] == []
 
     ranking = vcc_json(ws, "rank", "base", "--data", "syn", "--method", "taylor", "--batches", "2", "--device", "cpu")
-    ranking_file = next(v for k, v in ranking.items() if k in ("ranking", "path", "out", "file"))
+    ranking_file = ranking["files"]["ranking"]
     assert Path(ranking_file).is_file()
 
     pruned = vcc_json(ws, "prune", "base", "--method", "taylor", "--target-macs", "0.5", "--ranking", ranking_file,

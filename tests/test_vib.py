@@ -210,7 +210,7 @@ def test_prune_vib_trains_gates_then_finetune_freezes_them(tiny_lstm_model, tiny
                         mask_threshold=0.0, kml_layer={"lstm.l0.*": 2.0}, finetune=False, freeze_backbone=True, progress=None)
     for key in ("model_path", "kept", "table", "columns", "lstm_params_before", "lstm_params_after", "compression", "history"):
         assert key in res
-    assert res["lstm_params_before"] == vib.lstm_param_count(64, 16) and len(res["history"]) == 1
+    assert res["lstm_params_before"] == vib.lstm_param_count(512, 16) and len(res["history"]) == 1
     assert set(res["kept"]) >= {"lstm.input", "lstm.l0.i", "lstm.l0.f", "lstm.l0.g", "lstm.l0.o", "lstm.l0.hidden"}
     assert res["columns"] == ["layer", "kept", "total", "kept %"] and len(res["table"]) == len(res["kept"])
     model, meta = load_model(res["model_path"])
@@ -254,7 +254,7 @@ def test_cli_prune_vib_then_port(tiny_lstm_model, tiny_synthetic, tmp_path) -> N
     proc = run_vcc("-w", ws, "prune", str(tiny_lstm_model), "--method", "vib", "--data", str(tiny_synthetic), "--epochs", "1",
                    "--kml", "1", "--kml-layer", "lstm.input=0.5", "--workers", "0", "--name", "v", "--format", "json", check=True)
     doc = json.loads(proc.stdout)
-    assert doc["run"] == "v" and doc["method"] == "vib" and doc["lstm_params_before"] == vib.lstm_param_count(64, 16)
+    assert doc["run"] == "v" and doc["method"] == "vib" and doc["lstm_params_before"] == vib.lstm_param_count(512, 16)
     assert doc["kept"]["lstm.l0.hidden"][1] == 16 and len(doc["history"]) == 1
     model, meta = load_model(doc["model_path"])
     assert vib.gated(model) and vib.gates(model)["lstm.input"].kml == 0.5
