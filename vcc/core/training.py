@@ -514,9 +514,13 @@ def _fit(
             correct = torch.zeros((), device=device, dtype=torch.int64)
             seen = 0
             last_report = 0.0
+            # A batch of one has no batch statistics: training BatchNorm on it fails, so skip it.
+            bn_training = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in raw.modules())
             for batch_i, batch in enumerate(loaders.train):
                 if cfg.max_batches and batch_i >= cfg.max_batches:
                     break
+                if bn_training and int(batch[1].shape[0]) < 2:
+                    continue
                 x = prepare_input(batch[0], device, out_meta.mean, out_meta.std, channels_last)
                 y = batch[1].to(device, non_blocking=True)
                 with autocast(device, dtype):

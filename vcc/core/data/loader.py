@@ -232,8 +232,7 @@ def make_loader(
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
-        # A trailing batch of one breaks BatchNorm in training; drop the remainder when a full batch exists.
-        drop_last=train and len(ds) > batch_size,
+        drop_last=False,
         worker_init_fn=_worker_init if workers > 0 else None,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
