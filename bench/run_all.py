@@ -23,23 +23,13 @@ BENCHES = ["cli_startup", "loader", "train_step", "prune", "vib", "exits"]
 
 
 def device_name() -> str:
-    """The accelerator, or the CPU model and core count."""
+    """The accelerator, or the CPU model and core count, with the torch version."""
     try:
         import torch
 
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        import os
+        from vcc.core.sysinfo import device_name as _name
 
-        return f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+        return f"{_name()}, torch {torch.__version__}"
     except Exception:  # pragma: no cover
         return platform.platform()
 

@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +40,10 @@ PEAKS = {
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    """The device a figure was measured on."""
+    from vcc.core.sysinfo import device_name as _name
+
+    return _name(device)
 
 
 def peak_tflops(name: str, amp: bool) -> float | None:

@@ -369,9 +369,10 @@ def average_macs(exit_index: torch.Tensor | Sequence[int], cum_macs: Sequence[fl
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton KD: T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch mean."""
-    t = float(temperature)
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher.detach() / t, 1), reduction="batchmean", log_target=True) * t * t
+    """Hinton KD, the same loss as `vcc train --teacher` (teacher detached)."""
+    from vcc.core.training import kd_loss as _kd
+
+    return _kd(student, teacher.detach(), temperature)
 
 
 def teacher_schedule(kd: str, epochs: int, n_teachers: int, kd_epochs: Sequence[int] | None = None) -> list[int]:
