@@ -384,7 +384,10 @@ def count_macs(model: nn.Module, meta: Any) -> tuple[int, int]:
 
 
 def count_params(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
+    """Parameters of `model` (the same count `vcc macs` reports)."""
+    from vcc.core.macs import count_params as _count
+
+    return _count(model)
 
 
 # ---------------------------------------------------------------- planning
