@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 CASES = {
     "vcc --help": ["-m", "vcc", "--help"],
@@ -29,13 +28,9 @@ GOAL_S = 1.0
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from vcc.core.sysinfo import cpu_model  # no torch import
+
+    return cpu_model()
 
 
 def time_case(args: list[str], runs: int) -> dict[str, float]:
