@@ -300,3 +300,20 @@ def test_string_options_take_the_builders_types() -> None:
         build_model("cnn_lstm", 3, freeze_backbone="maybe")
     with pytest.raises(UsageError, match="shortcut must be 'A' or 'B'"):
         build_model("r3d_tiny", 3, shortcut="C")
+
+
+def test_cnn_lstm_motion_feeds_feature_differences(tmp_path) -> None:
+    """motion=true: T-1 LSTM steps of [f_t, f_t - f_(t-1)]; a still clip has zero differences."""
+    torch.manual_seed(0)
+    model = build_model("cnn_lstm", 4, backbone="tiny", hidden_size=8, motion="true").eval()
+    assert model.feature_dim == 1024 and model.lstm.input_size == 1024
+    still = torch.rand(1, 3, 1, 32, 32).repeat(1, 1, 5, 1, 1)
+    seq = model.features(still)
+    assert seq.shape == (1, 4, 1024)
+    assert torch.equal(seq[..., 512:], torch.zeros_like(seq[..., 512:]))
+    moving = torch.rand(1, 3, 5, 32, 32)
+    assert model.features(moving)[..., 512:].abs().sum() > 0
+    meta = ModelMeta(arch="cnn_lstm", num_classes=4, options={"backbone": "tiny", "hidden_size": 8, "motion": True}, input=input_spec(5, 32))
+    path = save_model(tmp_path / "m.safetensors", model, meta)
+    loaded, _ = load_model(path)
+    assert torch.equal(model(moving), loaded(moving))

@@ -131,12 +131,16 @@ class CNNLSTM(SequenceClassifier):
         num_layers: int = 1,
         freeze_backbone: bool = False,
         dropout: float = 0.0,
+        motion: bool = False,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
             raise UsageError(f"unknown cnn_lstm backbone {backbone!r}; known: {', '.join(BACKBONES)}")
         self.backbone_name = backbone
         self.backbone, self.feature_dim = BACKBONES[backbone]()
+        self.motion = bool(motion)
+        if self.motion:
+            self.feature_dim *= 2
         self.freeze_backbone = bool(freeze_backbone)
         self._init_head(num_classes, hidden_size, num_layers, dropout)
         if self.freeze_backbone:
@@ -156,7 +160,13 @@ class CNNLSTM(SequenceClassifier):
         if self.backbone_name == "inception_v3" and min(h, w) < 75:
             raise UsageError(f"the inception_v3 backbone needs frames of at least 75x75 pixels, got {h}x{w}")
         frames = x.transpose(1, 2).reshape(n * t, c, h, w)
-        return self.backbone(frames).reshape(n, t, -1)
+        feats = self.backbone(frames).reshape(n, t, -1)
+        if self.motion:
+            # [f_t, f_t - f_(t-1)] for t = 1..T-1: the LSTM sees how each frame's features change.
+            if t < 2:
+                raise UsageError("cnn_lstm with motion=true needs clips of at least 2 frames")
+            feats = torch.cat([feats[:, 1:], feats[:, 1:] - feats[:, :-1]], dim=2)
+        return feats
 
 
 @register_model(
@@ -164,7 +174,7 @@ class CNNLSTM(SequenceClassifier):
     family="cnn_lstm",
     frames=16,
     size=112,
-    description="per-frame 2D CNN -> LSTM; options: backbone resnet18|mobilenet_v2|efficientnet_b0|inception_v3|tiny, hidden_size (128), num_layers (1), freeze_backbone, dropout",
+    description="per-frame 2D CNN -> LSTM; options: backbone resnet18|mobilenet_v2|efficientnet_b0|inception_v3|tiny, hidden_size (128), num_layers (1), freeze_backbone, dropout, motion (feed [f_t, f_t - f_t-1])",
 )
 def cnn_lstm(
     num_classes: int,
@@ -173,6 +183,7 @@ def cnn_lstm(
     num_layers: int = 1,
     freeze_backbone: bool = False,
     dropout: float = 0.0,
+    motion: bool = False,
 ) -> CNNLSTM:
-    """A CNN-LSTM with a torchvision (or tiny) per-frame backbone."""
-    return CNNLSTM(num_classes, backbone, hidden_size, num_layers, freeze_backbone, dropout)
+    """A CNN-LSTM with a torchvision (or tiny) per-frame backbone; `motion` adds feature differences."""
+    return CNNLSTM(num_classes, backbone, hidden_size, num_layers, freeze_backbone, dropout, motion)
