@@ -87,3 +87,18 @@ def test_pipeline_through_the_cli(tmp_path: Path) -> None:
     runs = sorted(p.name for p in (ws / "runs").iterdir())
     for name in ("base", "pruned", "pruned-ft", "pruned-dense", "lstm", "lstm-vib", "lstm-dense", "exits"):
         assert name in runs
+
+
+def test_demo_quick_runs_the_whole_job(tmp_path: Path) -> None:
+    """`vcc demo --quick`: every stage produces a row and leaves a loadable artefact."""
+    ws = tmp_path / "ws"
+    doc = vcc_json(ws, "demo", "--quick")
+    stages = [r["stage"] for r in doc["rows"]]
+    assert stages[:4] == ["trained r3d_tiny", "pruned (taylor, 50% MACs)", "finetuned", "ported (dense)"]
+    assert any("VIB" in s for s in stages) and any("WISE" in s for s in stages)
+    rows = {r["stage"]: r for r in doc["rows"]}
+    assert rows["pruned (taylor, 50% MACs)"]["macs"] <= 0.55 * rows["trained r3d_tiny"]["macs"]
+    for path in doc["runs"].values():
+        assert Path(path).is_file()
+    macs = vcc_json(ws, "macs", "demo-ported")
+    assert macs["macs"] == rows["ported (dense)"]["macs"]

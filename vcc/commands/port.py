@@ -32,9 +32,8 @@ def register(app: typer.Typer) -> None:
         from vcc.core.artefact import load_model, provenance, save_model
         from vcc.core.compress import compare_table
         from vcc.core.compress.port import export_onnx, port_model
-        from vcc.core.compress.prune import count_macs
         from vcc.core.errors import UsageError
-        from vcc.core.evaluate import evaluate, measure_latency
+        from vcc.core.evaluate import summarise_model
         from vcc.core.report import Report, Table
         from vcc.core.workspace import atomic_dir
 
@@ -49,15 +48,8 @@ def register(app: typer.Typer) -> None:
         net, meta = load_model(model_path)
         dense, dense_meta, info = port_model(net, meta)
 
-        def summary(m, mt) -> dict:
-            macs, params = count_macs(m, mt)
-            d = {"params": params, "macs": macs, "latency_ms": round(measure_latency(m.cpu().eval(), mt, "cpu", batch=1, warmup=min(5, latency_runs), runs=latency_runs), 3)}
-            if data_path is not None:
-                r = evaluate(m, mt, data_path, split="test", clips=clips, device="cpu", latency_runs=1)
-                d["video_top1"], d["clip_top1"] = r["video_top1"], r["clip_top1"]
-            return d
-
-        before, after = summary(net, meta), summary(dense, dense_meta)
+        before = summarise_model(net, meta, data_path, clips=clips, latency_runs=latency_runs)
+        after = summarise_model(dense, dense_meta, data_path, clips=clips, latency_runs=latency_runs)
         dense_meta.provenance = provenance(parent=model_path, metrics={**{k: v for k, v in after.items()}, "max_abs_diff": info.get("max_abs_diff")})
         dense_meta.extra = {**dense_meta.extra, "port": {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, dict))}}
         onnx_info = None

@@ -61,14 +61,10 @@ class DemoResult:
 
 def _measure(model: nn.Module, meta: ModelMeta, info: Any, plan: DemoPlan, progress: Progress) -> dict[str, Any]:
     """params, MACs, CPU latency (batch 1) and video top-1 of a model on the test split."""
-    from vcc.core.evaluate import evaluate, measure_latency
-    from vcc.core.macs import count_macs
+    from vcc.core.evaluate import summarise_model
 
-    model = model.cpu().eval()
-    mc = count_macs(model, (3, meta.frames, meta.size, meta.size), by_layer=False)
-    lat = measure_latency(model, meta, "cpu", batch=1, warmup=3, runs=plan.latency_runs)
-    res = evaluate(model, meta, info, split="test", clips=plan.eval_clips, device="cpu", progress=progress, latency_runs=1)
-    return {"params": mc.params, "macs": mc.macs, "latency_ms": round(lat, 3), "video_top1": res["video_top1"]}
+    row = summarise_model(model, meta, info, clips=plan.eval_clips, latency_runs=plan.latency_runs, progress=progress)
+    return {k: row[k] for k in ("params", "macs", "latency_ms", "video_top1")}
 
 
 def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device: str = "cpu",
@@ -136,12 +132,14 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
     ft = train_run.start_finetune(ws, model_spec=str(pruned_path), data=str(info.root), name=names["finetuned"], cfg=cfg, progress=progress)
     fm, fmeta = load_model(ft.fit.model_path)
     out.runs["finetuned"] = str(ft.fit.model_path)
-    out.rows.append({"stage": "finetuned", "run": names["finetuned"], **_measure(fm, fmeta, info, plan, progress)})
+    ft_row = _measure(fm, fmeta, info, plan, progress)
+    out.rows.append({"stage": "finetuned", "run": names["finetuned"], **ft_row})
     dense, dmeta, pinfo = port_model(fm, fmeta)
     dmeta.provenance = provenance(parent=ft.fit.model_path, metrics={"max_abs_diff": pinfo.get("max_abs_diff")})
     ported_path = save_model(ws.run_dir(names["ported"], create=True) / "model.safetensors", dense, dmeta)
     out.runs["ported"] = str(ported_path)
-    out.rows.append({"stage": "ported (dense)", "run": names["ported"], **_measure(dense, dmeta, info, plan, progress)})
+    ported_row = _measure(dense, dmeta, info, plan, progress) if pinfo.get("changed", True) else ft_row
+    out.rows.append({"stage": "ported (dense)", "run": names["ported"], **ported_row})
     stage("finetune+port")
 
     say("5/7 training a CNN-LSTM, compressing its LSTM with VIB, porting to a dense nn.LSTM")

@@ -204,3 +204,28 @@ def evaluate(
         "classes": list(info.classes),
         "confusion": confusion_matrix(vpred, vl, n_cls),
     }
+
+
+def summarise_model(
+    model: nn.Module,
+    meta: ModelMeta,
+    data: Any = None,
+    *,
+    clips: int = 1,
+    latency_runs: int = 10,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """One before/after row: params, MACs, CPU latency at batch 1 and, with `data`, test video/clip top-1."""
+    from vcc.core.macs import count_macs
+
+    counted = count_macs(model, (int(meta.input.get("channels", 3)), meta.frames, meta.size, meta.size), by_layer=False)
+    doc: dict[str, Any] = {"params": int(counted.params), "macs": int(counted.macs)}
+    model = model.cpu().eval()
+    doc["latency_ms"] = round(measure_latency(model, meta, "cpu", batch=1, warmup=min(5, latency_runs), runs=latency_runs), 3)
+    if data is not None:
+        res = evaluate(model, meta, data, split="test", clips=clips, device=device, progress=progress, latency_runs=1)
+        doc["video_top1"] = res["video_top1"]
+        doc["clip_top1"] = res["clip_top1"]
+        model.cpu()
+    return doc

@@ -613,23 +613,15 @@ class PruneJob:
 
 
 def summarise(model: nn.Module, meta: Any, data: Any, job: PruneJob, progress: Progress = None) -> dict[str, Any]:
-    """params, MACs, CPU latency at batch 1, and (with data) accuracy of a model."""
-    from vcc.core.evaluate import evaluate, measure_latency
+    """params, MACs, CPU latency at batch 1, (with data) accuracy, and non-zero params of a masked model."""
+    from vcc.core.evaluate import summarise_model
 
-    macs, params = count_macs(model, meta)
-    doc: dict[str, Any] = {"params": params, "macs": macs}
+    dev = job.train.device if job.train is not None else "cpu"
+    doc = summarise_model(model, meta, data, clips=job.eval_clips, latency_runs=job.latency_runs, device=dev, progress=progress)
     if any(hasattr(m, "weight_mask") for m in model.modules()):
         from vcc.core.compress.magnitude import sparsity_of
 
         doc["nonzero_params"] = sparsity_of(model)["nonzero_params"]
-    model = model.cpu().eval()
-    doc["latency_ms"] = round(measure_latency(model, meta, "cpu", batch=1, warmup=min(5, job.latency_runs), runs=job.latency_runs), 3)
-    if data is not None:
-        dev = job.train.device if job.train is not None else "cpu"
-        res = evaluate(model, meta, data, split="test", clips=job.eval_clips, device=dev, progress=progress, latency_runs=1)
-        doc["video_top1"] = res["video_top1"]
-        doc["clip_top1"] = res["clip_top1"]
-        model.cpu()
     return doc
 
 
