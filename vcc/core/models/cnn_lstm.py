@@ -169,21 +169,11 @@ class CNNLSTM(SequenceClassifier):
         return feats
 
 
-@register_model(
+# The class is its own builder: its keyword arguments are the arch options.
+register_model(
     "cnn_lstm",
     family="cnn_lstm",
     frames=16,
     size=112,
     description="per-frame 2D CNN -> LSTM; options: backbone resnet18|mobilenet_v2|efficientnet_b0|inception_v3|tiny, hidden_size (128), num_layers (1), freeze_backbone, dropout, motion (feed [f_t, f_t - f_t-1])",
-)
-def cnn_lstm(
-    num_classes: int,
-    backbone: str = "resnet18",
-    hidden_size: int = 128,
-    num_layers: int = 1,
-    freeze_backbone: bool = False,
-    dropout: float = 0.0,
-    motion: bool = False,
-) -> CNNLSTM:
-    """A CNN-LSTM with a torchvision (or tiny) per-frame backbone; `motion` adds feature differences."""
-    return CNNLSTM(num_classes, backbone, hidden_size, num_layers, freeze_backbone, dropout, motion)
+)(CNNLSTM)

@@ -42,13 +42,11 @@ class LSTME2E(SequenceClassifier):
         return frames.reshape(n, t, -1)
 
 
-@register_model(
+# The class is its own builder: its keyword arguments are the arch options.
+register_model(
     "lstm_e2e",
     family="lstm_e2e",
     frames=16,
     size=32,
     description="end-to-end LSTM over flattened small frames (VIB paper); options: frame_size (16), grayscale (on), hidden_size (128), num_layers (1)",
-)
-def lstm_e2e(num_classes: int, frame_size: int = 16, grayscale: bool = True, hidden_size: int = 128, num_layers: int = 1, dropout: float = 0.0) -> LSTME2E:
-    """An LSTM over `frame_size`-pixel (grey) frames, flattened."""
-    return LSTME2E(num_classes, frame_size, grayscale, hidden_size, num_layers, dropout)
+)(LSTME2E)
