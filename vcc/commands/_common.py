@@ -130,7 +130,6 @@ class ProgressHook:
     def __init__(self, prog: Any) -> None:
         self.prog = prog
         self.tasks: dict[str, Any] = {}
-        self._last_logged: dict[str, int] = {}
 
     def __call__(self, task: str, done: int, total: int | None = None, info: dict[str, Any] | None = None) -> None:
         text = "  ".join(f"{k} {_short(v)}" for k, v in (info or {}).items())

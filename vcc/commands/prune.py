@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         model_path = ws.resolve_model(model)
         data_path = ws.resolve_dataset(data) if data else None
         method_l = method.lower()
-        run_name = ws.unique_run_name(name or f"prune-{method_l}") if name is None else name
+        run_name = name or ws.unique_run_name(f"prune-{method_l}")
         if name is not None and (ws.runs_dir / name).exists():
             raise UsageError(f"run {name!r} already exists in {ws.runs_dir}; choose another --name")
         from vcc.core.artefact import read_doc

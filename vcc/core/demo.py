@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from vcc.core.artefact import ModelMeta, load_model, provenance, save_model
@@ -185,5 +184,4 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
                      "params": None, "macs": int(best["macs"]), "latency_ms": None, "video_top1": best["accuracy"]})
     stage("wise")
     out.timings["total"] = round(time.perf_counter() - t_all, 1)
-    torch.set_grad_enabled(True)
     return out

@@ -20,9 +20,5 @@ class UsageError(VccError):
     exit_code = 2
 
 
-class NotImplementedYet(UsageError):
-    """A command that exists in the CLI but is not built yet."""
-
-
 class ArtefactError(VccError):
     """A file that is not a vcc artefact, is truncated, or does not fit its arch."""
