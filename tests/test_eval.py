@@ -53,6 +53,24 @@ def test_measure_latency_positive() -> None:
     assert 0 < ms < 10_000 and model.training  # mode restored
 
 
+def test_inference_form_folds_batchnorm_and_keeps_outputs() -> None:
+    from vcc.core.evaluate import inference_form
+
+    torch.manual_seed(0)
+    model = build_model("r3d_tiny", num_classes=4).eval()
+    for m in model.modules():  # non-trivial BN statistics, so a wrong fold would show
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 8, 32, 32)
+    folded = inference_form(model, x)
+    assert folded is not model
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())  # the original is untouched
+
+
 def test_eval_cli_json(ws, tiny_synthetic, tiny_model) -> None:
     proc = run_vcc("eval", str(tiny_model), "--data", str(tiny_synthetic), "--clips", "2", "--device", "cpu", "-f", "json", check=True)
     doc = json.loads(proc.stdout)
