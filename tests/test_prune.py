@@ -249,3 +249,31 @@ def test_iterative_steps_follow_agp_to_the_final_ratio(ws, tiny_model: Path) -> 
     model, _ = load_model(ws.runs_dir / "agp" / "model.safetensors")
     # ratios refer to the original channel counts, so two steps land where one would
     assert model.layer1[0].conv1.out_channels == 8 and model.layer4[0].conv1.out_channels == 64
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_round_to_keeps_multiples_and_still_meets_the_macs_target(scope: str) -> None:
+    from vcc.core.compress.prune import count_macs, prunable_layers, prune_to_macs
+    from vcc.core.compress.rank import weight_scores
+
+    torch.manual_seed(0)
+    model = build_model("r3d_tiny", num_classes=4).eval()
+    meta = _meta("r3d_tiny", {}, classes=4)
+    base, _ = count_macs(model, meta)
+    scores = weight_scores(model, prunable_layers(model, meta), 1)
+    plain = prune_to_macs(model, meta, scores, 0.5, scope=scope)
+    widths = [m.out_channels for m in plain.model.modules() if isinstance(m, nn.Conv3d)]
+    assert any(w % 8 for w in widths)  # without rounding, odd widths appear: the test below is not vacuous
+    out = prune_to_macs(model, meta, scores, 0.5, scope=scope, round_to=8)
+    widths = [m.out_channels for m in out.model.modules() if isinstance(m, nn.Conv3d)]
+    assert all(w % 8 == 0 for w in widths), widths
+    assert out.macs <= 0.5 * base
+    with torch.no_grad():
+        assert out.model(torch.randn(1, 3, 8, 32, 32)).shape == (1, 4)
+
+
+def test_cli_prune_rejects_bad_round_to(ws, tiny_model: Path) -> None:
+    res = runner.invoke(app, ["--workspace", str(ws.root), "prune", str(tiny_model), "--method", "l1", "--ratio", "0.5",
+                              "--round-to", "0", "--name", "bad"])
+    assert res.exit_code == 2
+    assert not (ws.runs_dir / "bad").exists()
