@@ -179,6 +179,28 @@ def test_real_clips_decode_time_resize(tmp_path: Path, ws) -> None:
     assert float(x.float().std()) > 10  # real picture content, not padding
 
 
+def test_decoder_scaling_and_resize_after_decode_agree(tmp_path: Path, ws, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Huge videos are scaled by decord while decoding, the rest resized after: same pictures."""
+    from vcc.core.data import loader as loader_mod
+    from vcc.core.data.prepare import prepare_folder
+
+    root = tmp_path / "real"
+    (root / "a").mkdir(parents=True)
+    shutil.copy(SHARED_VIDEOS / "test.avi", root / "a" / "test.avi")
+    info = load_dataset(prepare_folder(ws, root, val_ratio=0.0, name="one").path)
+
+    def clip(scale_above: float) -> torch.Tensor:
+        monkeypatch.setattr(loader_mod, "DECODE_SCALE_ABOVE", scale_above)
+        ds = make_loader(info, "train", train=False, frames=8, size=32, batch_size=1).dataset
+        x, _, _ = ds[0]
+        return x.float()
+
+    after, during = clip(1e9), clip(1.0)  # short side 240 vs target 37: never / always decoder-scaled
+    assert after.shape == during.shape == (3, 8, 32, 32)
+    assert float((after - during).abs().mean()) < 6  # both bilinear; the scalers differ a little
+    assert float(after.std()) > 10
+
+
 # ---------------------------------------------------------------- samplers
 
 

@@ -9,8 +9,9 @@ Batches are ``(clips uint8 (N, 3, T, H, W), labels int64 (N,), video_idx int64 (
 * Testing: ``clips`` evenly spaced clips x ``crops`` (1 centre, 3 along the long side) per video,
   in order.
 * Readers open lazily inside each worker process (one decode thread each; kept open only while
-  testing, as an open reader's decoder thread keeps working ahead); decord scales frames while
-  decoding, so full-size frames are never converted or copied.
+  testing, as an open reader's decoder thread keeps working ahead). Only the frames a clip uses
+  are resized (uint8, antialiased); decord's decode-time scaling, which scales every decoded
+  frame including the skipped ones, is used only for videos over 4x the target size.
 * Randomness is a pure function of (seed, epoch, item): the same seed gives the same batches for
   any number of workers, and ``loader.set_epoch(e)`` before iterating resumes bit-exactly.
   Without it, each iteration over the loader advances the epoch by one.
@@ -37,6 +38,7 @@ from vcc.core.errors import UsageError, VccError
 log = logging.getLogger("vcc.data")
 MAX_RETRIES = 10
 READER_CACHE = 1  # readers kept open per worker when testing (clips of one video are consecutive)
+DECODE_SCALE_ABOVE = 4  # let decord scale while decoding only when the short side is > 4x the target
 
 
 class ClipDataset(Dataset):
@@ -90,7 +92,10 @@ class ClipDataset(Dataset):
             return self._readers[vid]
         e = self.entries[vid]
         kw: dict[str, int] = {}
-        if e.width > 0 and e.height > 0 and min(e.width, e.height) != self.short:
+        if e.width > 0 and e.height > 0 and min(e.width, e.height) > DECODE_SCALE_ABOVE * self.short:
+            # decord scales every decoded frame, skipped ones included: for UCF101-sized videos
+            # that costs up to 2x the decode (bench/loader.py), so only huge videos are scaled
+            # by the decoder (bounding memory); the rest are resized after, kept frames only
             kw["width"], kw["height"] = transforms.resized_shape(e.width, e.height, self.short)
         reader = decord.VideoReader(e.path, num_threads=1, **kw)
         # an open decord reader keeps a decoder thread working ahead: keep only what test reuses
