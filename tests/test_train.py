@@ -317,3 +317,13 @@ def test_exits_option_delegates_and_eval_threshold(ws, tiny_synthetic, tiny_mode
     out = _cli(ws, "eval", "ee", "--data", str(tiny_synthetic), "--threshold", "0.5", "--clips", "1", "-f", "json")
     ev = json.loads(out.stdout)
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["videos"] == 8
+
+
+@pytest.mark.slow
+def test_compile_trains_and_saves_plain_weights(ws, tiny_synthetic) -> None:
+    """--compile on CPU (inductor, needs a C compiler): the artefact holds the plain module's weights."""
+    proc = run_vcc("train", "--data", str(tiny_synthetic), "--name", "c1", *FAST, "--compile", "--format", "json", check=True)
+    doc = json.loads(proc.stdout)
+    state = _state(Path(doc["model"]))
+    assert state and not any(k.startswith("_orig_mod.") for k in state)
+    run_vcc("eval", doc["model"], "--data", str(tiny_synthetic), "--device", "cpu", "-f", "json", check=True)
