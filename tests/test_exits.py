@@ -78,6 +78,38 @@ def test_exit_macs_r3d_tiny_increase_and_last_is_whole_model() -> None:
     assert macs[-1] == count_macs(model.backbone, (3, 8, 32, 32)).macs + heads
 
 
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_r3d_exit_friendly_options_keep_frames_and_spread_macs(shortcut: str) -> None:
+    """conv1_s_size=3, t_stride=1: every frame reaches layer4 and the first exit is cheap."""
+    torch.manual_seed(0)
+    model = build_model("r3d_tiny", 4, conv1_s_size=3, t_stride=1, shortcut=shortcut).eval()
+    assert model.conv1.kernel_size == (3, 3, 3)
+    seen: dict[str, tuple[int, ...]] = {}
+    def record(_m: nn.Module, _i: object, out: torch.Tensor, name: str) -> None:
+        seen[name] = tuple(out.shape)
+
+    for n in ("layer1", "layer4"):
+        getattr(model, n).register_forward_hook(lambda m, i, o, n=n: record(m, i, o, n))
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 8, 32, 32)).shape == (2, 4)
+    assert seen == {"layer1": (2, 16, 8, 8, 8), "layer4": (2, 128, 8, 1, 1)}
+    meta = ModelMeta(arch="r3d_tiny", num_classes=4, options={"conv1_s_size": 3, "t_stride": 1}, input=input_spec(8, 32))
+    rows = exit_macs(*attach_exits(model, meta))
+    macs = [r["macs"] for r in rows]
+    assert macs == sorted(macs) and len(set(macs)) == 4
+    fractions = [m / macs[-1] for m in macs]
+    assert fractions[0] < 0.45 and fractions[1] < 0.65  # stock r3d_tiny: 0.87 at exit 1
+    default = exit_macs(*_tiny())
+    assert default[0]["macs"] / default[-1]["macs"] > 0.8  # r3d_tiny's defaults are unchanged
+
+
+def test_r3d_option_errors() -> None:
+    with pytest.raises(UsageError, match="t_stride"):
+        build_model("r3d_tiny", 3, t_stride=3)
+    with pytest.raises(UsageError, match="conv1_s_size"):
+        build_model("resnet3d_10", 3, conv1_s_size=4)
+
+
 def test_wrapper_outputs_and_round_trip(tmp_path: Path) -> None:
     model, meta = _tiny()
     assert is_multi_exit(meta) and meta.wrappers[-1]["options"]["stages"] == ["layer1", "layer2", "layer3"]

@@ -9,21 +9,22 @@ from vcc.core.errors import UsageError
 from vcc.core.models.registry import register_model
 
 
-def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv3d:
+def _conv3x3(cin: int, cout: int, stride: int | tuple[int, int, int] = 1) -> nn.Conv3d:
     return nn.Conv3d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
 class ShortcutA(nn.Module):
     """Parameter-free shortcut: spatio-temporal subsampling, then `pad_channels` zero channels."""
 
-    def __init__(self, stride: int, pad_channels: int) -> None:
+    def __init__(self, stride: int | tuple[int, int, int], pad_channels: int) -> None:
         super().__init__()
         self.stride = stride
         self.pad_channels = pad_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride != 1:
-            x = x[:, :, :: self.stride, :: self.stride, :: self.stride]
+        st, sh, sw = self.stride if isinstance(self.stride, tuple) else (self.stride,) * 3
+        if (st, sh, sw) != (1, 1, 1):
+            x = x[:, :, ::st, ::sh, ::sw]
         if self.pad_channels > 0:
             n, _, t, h, w = x.shape
             x = torch.cat([x, x.new_zeros(n, self.pad_channels, t, h, w)], dim=1)
@@ -33,7 +34,7 @@ class ShortcutA(nn.Module):
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(self, cin: int, planes: int, stride: int | tuple[int, int, int] = 1, downsample: nn.Module | None = None) -> None:
         super().__init__()
         self.conv1 = _conv3x3(cin, planes, stride)
         self.bn1 = nn.BatchNorm3d(planes)
@@ -52,7 +53,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(self, cin: int, planes: int, stride: int | tuple[int, int, int] = 1, downsample: nn.Module | None = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(cin, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm3d(planes)
@@ -85,29 +86,36 @@ class ResNet3D(nn.Module):
         conv1_t_stride: int = 1,
         no_max_pool: bool = False,
         dropout: float = 0.0,
+        conv1_s_size: int = 7,
+        t_stride: int = 2,
     ) -> None:
         super().__init__()
         if shortcut not in ("A", "B"):
             raise UsageError(f"shortcut must be 'A' or 'B', not {shortcut!r}")
         if base_width < 1 or not 0.0 <= dropout < 1.0:
             raise UsageError(f"base_width must be >= 1 and dropout in [0, 1), not {base_width} and {dropout}")
+        if conv1_s_size < 1 or conv1_s_size % 2 == 0 or t_stride not in (1, 2):
+            raise UsageError(f"conv1_s_size must be odd and >= 1 and t_stride 1 or 2, not {conv1_s_size} and {t_stride}")
         widths = [base_width, base_width * 2, base_width * 4, base_width * 8]
         self.in_planes = widths[0]
         self.conv1 = nn.Conv3d(
             3,
             widths[0],
-            kernel_size=(conv1_t_size, 7, 7),
+            kernel_size=(conv1_t_size, conv1_s_size, conv1_s_size),
             stride=(conv1_t_stride, 2, 2),
-            padding=(conv1_t_size // 2, 3, 3),
+            padding=(conv1_t_size // 2, conv1_s_size // 2, conv1_s_size // 2),
             bias=False,
         )
         self.bn1 = nn.BatchNorm3d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if no_max_pool else nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
+        # t_stride=1 keeps every frame through the max pool and layers 2-4 (they halve space only),
+        # so the stages' MACs stay balanced (channels x2, positions /4) and early exits are cheap.
+        down = 2 if t_stride == 2 else (1, 2, 2)
+        self.maxpool = nn.Identity() if no_max_pool else nn.MaxPool3d(kernel_size=3, stride=down, padding=1)
         self.layer1 = self._make_layer(block, widths[0], layers[0], shortcut, 1)
-        self.layer2 = self._make_layer(block, widths[1], layers[1], shortcut, 2)
-        self.layer3 = self._make_layer(block, widths[2], layers[2], shortcut, 2)
-        self.layer4 = self._make_layer(block, widths[3], layers[3], shortcut, 2)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], shortcut, down)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], shortcut, down)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], shortcut, down)
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
@@ -118,7 +126,7 @@ class ResNet3D(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _make_layer(self, block, planes: int, blocks: int, shortcut: str, stride: int) -> nn.Sequential:
+    def _make_layer(self, block, planes: int, blocks: int, shortcut: str, stride: int | tuple[int, int, int]) -> nn.Sequential:
         downsample: nn.Module | None = None
         out = planes * block.expansion
         if stride != 1 or self.in_planes != out:
@@ -165,7 +173,7 @@ def resnet3d(depth: int, num_classes: int, **options) -> ResNet3D:
 
 
 def _register(depth: int) -> None:
-    @register_model(f"resnet3d_{depth}", family="resnet3d", frames=16, size=112, description=f"3D ResNet-{depth} (Hara et al. 2018); options: shortcut A|B, base_width, dropout")
+    @register_model(f"resnet3d_{depth}", family="resnet3d", frames=16, size=112, description=f"3D ResNet-{depth} (Hara et al. 2018); options: shortcut A|B, base_width, dropout, conv1_s_size, t_stride")
     def _build(
         num_classes: int,
         shortcut: str = "B" if depth >= 50 else "A",
@@ -174,6 +182,8 @@ def _register(depth: int) -> None:
         conv1_t_stride: int = 1,
         no_max_pool: bool = False,
         dropout: float = 0.0,
+        conv1_s_size: int = 7,
+        t_stride: int = 2,
     ) -> ResNet3D:
         return resnet3d(
             depth,
@@ -184,6 +194,8 @@ def _register(depth: int) -> None:
             conv1_t_stride=conv1_t_stride,
             no_max_pool=no_max_pool,
             dropout=dropout,
+            conv1_s_size=conv1_s_size,
+            t_stride=t_stride,
         )
 
 
@@ -200,8 +212,15 @@ def r3d_tiny(
     conv1_t_stride: int = 1,
     no_max_pool: bool = False,
     dropout: float = 0.0,
+    conv1_s_size: int = 7,
+    t_stride: int = 2,
 ) -> ResNet3D:
-    """3D ResNet-10 with base width 16 and a 3x7x7 stem."""
+    """3D ResNet-10 with base width 16 and a 3x7x7 stem.
+
+    ``conv1_s_size=3, t_stride=1`` gives the early-exit friendly variant: a 3x3x3 stem and every
+    frame kept to the end, so the four stages cost about the same and the first exit about 40%
+    of the MACs (the default 3x7x7 stem alone is ~70% of them at 8x32x32).
+    """
     return ResNet3D(
         BasicBlock,
         [1, 1, 1, 1],
@@ -212,6 +231,8 @@ def r3d_tiny(
         conv1_t_stride=conv1_t_stride,
         no_max_pool=no_max_pool,
         dropout=dropout,
+        conv1_s_size=conv1_s_size,
+        t_stride=t_stride,
     )
 
 
