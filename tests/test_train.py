@@ -120,7 +120,7 @@ def test_interrupt_keeps_resumable_checkpoint(tmp_path) -> None:
 
 def test_ctrl_c_exits_130_with_checkpoint(ws, tiny_synthetic) -> None:
     env = {**os.environ, "VCC_HOME": str(ws.root)}
-    proc = subprocess.Popen([sys.executable, "-m", "vcc", "train", "--data", str(tiny_synthetic), "--name", "cc", "--epochs", "50",
+    proc = subprocess.Popen([sys.executable, "-m", "vcc", "train", "--data", str(tiny_synthetic), "--name", "cc", "--epochs", "1000",
                              "--workers", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ckpt = ws.run_dir("cc") / "checkpoint.json"
     deadline = time.time() + 120
