@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny run (small dataset, 2+1 epochs): checks the pipeline, not the goals")
     ap.add_argument("--model", default=None, help="a trained r3d_tiny-like artefact to start from (skips training)")
     ap.add_argument("--epochs", type=int, default=40, help="training epochs of the unpruned model")
-    ap.add_argument("--finetune-epochs", type=int, default=8)
+    ap.add_argument("--finetune-epochs", type=int, default=12)
     ap.add_argument("--target-macs", type=float, default=0.5)
     ap.add_argument("--scope", default="global")
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW lr of the unpruned model's training")
