@@ -127,8 +127,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--stride", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of each is kept")
+    ap.add_argument("--quick", action="store_true", help="16 videos, batches of 4, one round (a smoke run)")
     ap.add_argument("--source", default=str(SRC), help="the video every item links to (default: the shared real clip test.avi)")
     args = ap.parse_args()
+    if args.quick:
+        args.videos, args.batch, args.rounds = 16, 4, 1
     torch.set_num_threads(1)
 
     from torch.utils.data import DataLoader
