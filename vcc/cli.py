@@ -81,7 +81,7 @@ def _version(value: bool) -> None:
 def root(
     workspace: Annotated[
         str | None,
-        typer.Option("--workspace", "-w", envvar="VCC_HOME", help="Workspace folder for datasets and runs [default: the platform's user data dir]."),
+        typer.Option("--workspace", "-w", envvar="VCC_HOME", help="Workspace folder for datasets and runs (default: the platform's user data dir)."),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")] = False,

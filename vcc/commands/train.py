@@ -46,9 +46,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a model on a prepared dataset; saves runs/<name>/model.safetensors (the best epoch).
 
-        Checkpoints every epoch; Ctrl-C keeps a resumable checkpoint (exit 130), and
-        [bold]--resume RUN[/bold] continues it exactly. Under [bold]torchrun --nproc_per_node N -m vcc train ...[/bold]
-        it trains with DistributedDataParallel.
+        Checkpoints every epoch; Ctrl-C keeps a resumable checkpoint (exit 130),
+        and [bold]--resume RUN[/bold] continues it exactly.
+        Under [bold]torchrun --nproc_per_node N -m vcc train ...[/bold] it trains
+        with DistributedDataParallel.
         """
         from vcc.commands._common import ProgressHook, parse_kv, progress, render, workspace
         from vcc.core import train_run
