@@ -113,6 +113,21 @@ def test_eval_three_crops_matches_manual_aggregation(tiny_synthetic, tiny_model)
     assert out["video_top1"] == pytest.approx(manual)
 
 
+def test_evaluate_without_latency_and_summary_row(tiny_synthetic, tiny_model) -> None:
+    """latency_runs=0 skips timing (accuracy only); summarise_model times the model once itself."""
+    from vcc.core.data.manifest import load_dataset
+    from vcc.core.evaluate import evaluate, summarise_model
+
+    info = load_dataset(tiny_synthetic)
+    model, meta = load_model(tiny_model)
+    timed = evaluate(model, meta, info, clips=1, device="cpu", latency_runs=1)
+    untimed = evaluate(model, meta, info, clips=1, device="cpu", latency_runs=0)
+    assert untimed["latency_ms"] is None and timed["latency_ms"] > 0
+    assert {k: untimed[k] for k in ("video_top1", "clip_top1", "confusion")} == {k: timed[k] for k in ("video_top1", "clip_top1", "confusion")}
+    row = summarise_model(model, meta, info, clips=1, latency_runs=2)
+    assert row["latency_ms"] > 0 and row["video_top1"] == timed["video_top1"] and row["macs"] > 0
+
+
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [

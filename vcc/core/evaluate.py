@@ -184,7 +184,7 @@ def evaluate(
     """Evaluate `model` on a dataset split: accuracies (fractions), per-class, confusion, speed.
 
     Keys: clip_top1, clip_top5, video_top1, video_top5, videos, clips, latency_ms (batch 1,
-    median), clips_per_s (model forward throughput at `batch_size`), end_to_end_clips_per_s
+    median; None with ``latency_runs=0``, for callers that only want accuracy), clips_per_s (model forward throughput at `batch_size`), end_to_end_clips_per_s
     (including decoding), per_class ({class: video accuracy}), confusion (video level,
     rows = true class), classes.
     """
@@ -215,12 +215,12 @@ def evaluate(
     for c, name in enumerate(info.classes):
         mask = vl == c
         per_class[name] = float((vpred[mask] == c).float().mean()) if mask.any() else None
-    latency = measure_latency(model, meta, dev, batch=1, warmup=3, runs=latency_runs)
+    latency = measure_latency(model, meta, dev, batch=1, warmup=3, runs=latency_runs) if latency_runs > 0 else None
     return {
         **{k: acc[k] for k in ("clip_top1", "clip_top5", "video_top1", "video_top5")},
         "videos": int(len(vl)),
         "clips": int(len(labels)),
-        "latency_ms": round(latency, 3),
+        "latency_ms": None if latency is None else round(latency, 3),
         "clips_per_s": round(len(labels) / max(1e-9, timing["model_s"]), 2),
         "end_to_end_clips_per_s": round(len(labels) / max(1e-9, timing["total_s"]), 2),
         "split": split,
@@ -251,7 +251,7 @@ def summarise_model(
     model = model.cpu().eval()
     doc["latency_ms"] = round(measure_latency(model, meta, "cpu", batch=1, warmup=min(5, latency_runs), runs=latency_runs), 3)
     if data is not None:
-        res = evaluate(model, meta, data, split="test", clips=clips, device=device, progress=progress, latency_runs=1)
+        res = evaluate(model, meta, data, split="test", clips=clips, device=device, progress=progress, latency_runs=0)
         doc["video_top1"] = res["video_top1"]
         doc["clip_top1"] = res["clip_top1"]
         model.cpu()
