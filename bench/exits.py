@@ -125,7 +125,7 @@ def main() -> None:
     from vcc.core.artefact import ModelMeta, input_spec, load_model
     from vcc.core.data.manifest import load_dataset
     from vcc.core.data.synthetic import prepare_synthetic
-    from vcc.core.exits import evaluate_early_exit, exit_macs, train_exits
+    from vcc.core.exits import evaluate_early_exit, train_exits
     from vcc.core.models import build_model
     from vcc.core.training import TrainConfig, fit
     from vcc.core.wise import parse_thresholds, run_wise
@@ -193,7 +193,7 @@ def main() -> None:
             "thresholds": args.thresholds if args.thresholds != "fine" else f"fine ({len(thresholds)} values)", "threads": torch.get_num_threads(),
         },
         "backbone_test_top1": base_top1,
-        "exit_macs": exit_macs(mmodel, mmeta),
+        "exit_macs": doc["exits"],  # run_wise's exit_macs table of the same model
         "ic_test_top1": {"exits": [r["stage"] for r in doc["exits"]], **ic_acc},
         "full": doc["full"],
         "wise_weights": doc["wise_weights"],

@@ -66,6 +66,14 @@ def test_exit_macs_hand_computed() -> None:
     assert rows == [{"exit": 1, "stage": "s1", "macs": 404}, {"exit": 2, "stage": "final", "macs": 1468}]
 
 
+def test_exit_macs_and_backbone_counts_the_backbone_once() -> None:
+    from vcc.core.exits import exit_macs_and_backbone
+
+    model, meta = attach_exits(Toy(), ModelMeta(arch="toy", num_classes=5, input=input_spec(2, 4)))
+    rows, backbone = exit_macs_and_backbone(model, meta)
+    assert rows == exit_macs(model, meta) and backbone == 384 + 1024 + 40  # the backbone without IC1's 20
+
+
 def test_exit_macs_r3d_tiny_increase_and_last_is_whole_model() -> None:
     from vcc.core.macs import count_macs
 

@@ -285,22 +285,10 @@ def attach_exits(model: nn.Module, meta: ModelMeta, exits: str | Sequence[str] =
 
 def _leaf_macs(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
     """Total MACs of one (1, *input_shape) forward and MACs per leaf module name."""
-    try:
-        from vcc.core.macs import count_macs
-    except ImportError:
-        count_macs = None
-    if count_macs is not None:
-        res = count_macs(model, tuple(input_shape), by_layer=True)
-        return int(res.macs), {str(r["name"]): int(r["macs"]) for r in res.layers}
-    from fvcore.nn import FlopCountAnalysis
+    from vcc.core.macs import count_macs
 
-    device = next(iter(model.parameters())).device
-    flops = FlopCountAnalysis(model, (torch.zeros(1, *input_shape, device=device),))
-    flops.unsupported_ops_warnings(False)
-    flops.uncalled_modules_warnings(False)
-    by_mod = flops.by_module()
-    leaves = {n for n, m in model.named_modules() if n and not any(True for _ in m.children())}
-    return int(flops.total()), {n: int(v) for n, v in by_mod.items() if n in leaves}
+    res = count_macs(model, tuple(input_shape), by_layer=True)
+    return int(res.macs), {str(r["name"]): int(r["macs"]) for r in res.layers}
 
 
 def head_macs(in_features: int, num_classes: int) -> int:
@@ -313,6 +301,11 @@ def exit_macs(model: nn.Module, meta: ModelMeta) -> list[dict[str, Any]]:
 
     The last exit (the backbone's classifier) is charged the whole backbone and every IC head.
     """
+    return exit_macs_and_backbone(model, meta)[0]
+
+
+def exit_macs_and_backbone(model: nn.Module, meta: ModelMeta) -> tuple[list[dict[str, Any]], int]:
+    """:func:`exit_macs`'s rows and the backbone's own MACs (the model without ICs), counted once."""
     if not isinstance(model, MultiExit):
         raise UsageError("exit_macs needs a multi-exit model")
     backbone = model.backbone
@@ -353,7 +346,7 @@ def exit_macs(model: nn.Module, meta: ModelMeta) -> list[dict[str, Any]]:
         heads_so_far += head_macs(model.heads[i].fc.in_features, model.heads[i].fc.out_features)
         rows.append({"exit": i + 1, "stage": stage, "macs": int(sum(per_leaf[n] for n in ran) + heads_so_far)})
     rows.append({"exit": len(rows) + 1, "stage": "final", "macs": int(total + heads_so_far)})
-    return rows
+    return rows, int(total)
 
 
 def average_macs(exit_index: torch.Tensor | Sequence[int], cum_macs: Sequence[float]) -> float:
@@ -452,12 +445,6 @@ def exit_criterion(
         return loss, ics[-1]
 
     return criterion
-
-
-def _as_dataset(data: Any) -> Any:
-    from vcc.core.training import dataset_info
-
-    return dataset_info(data)
 
 
 @torch.no_grad()
@@ -590,19 +577,10 @@ def video_top1(logits: torch.Tensor, labels: torch.Tensor, video_idx: torch.Tens
 
 def _exit_loaders(data: Any, cfg: Any) -> tuple[Any, Any]:
     """fit's Loaders without validation (the frozen classifier's accuracy never changes) + our val loader."""
-    from vcc.core.data.loader import make_loader
-    from vcc.core.training import Loaders
+    from vcc.core.training import Loaders, _make_loaders
 
-    if isinstance(data, Loaders):
-        return Loaders(data.train, None, data.classes), data.val
-    info = _as_dataset(data)
-    if not info.split("train"):
-        raise VccError(f"dataset {info.name!r} has no training videos")
-    train = make_loader(info, "train", train=True, frames=cfg.frames, size=cfg.size, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
-    val = None
-    if info.split(cfg.val_split):
-        val = make_loader(info, cfg.val_split, train=False, frames=cfg.frames, size=cfg.size, batch_size=cfg.batch_size, workers=cfg.workers, clips=cfg.val_clips, seed=cfg.seed)
-    return Loaders(train, None, list(info.classes)), val
+    loaders = _make_loaders(data, cfg, distributed=False, pin=False)
+    return Loaders(loaders.train, None, loaders.classes), loaders.val
 
 
 def _teacher_name(p: int, teachers: list[str], kd: str) -> str:
@@ -641,13 +619,10 @@ def evaluate_early_exit(
         raise UsageError("--threshold needs a multi-exit model (train one with `vcc train --init MODEL --exits auto`)")
     if not (math.isfinite(threshold) and threshold >= 0):
         raise UsageError(f"threshold must be >= 0, got {threshold}")
-    try:
-        from vcc.core.training import resolve_device
+    from vcc.core.training import dataset_info, resolve_device
 
-        dev = resolve_device(device) if isinstance(device, str) else device
-    except ImportError:
-        dev = torch.device("cpu" if device == "auto" else device)
-    info = _as_dataset(data)
+    dev = resolve_device(device)
+    info = dataset_info(data)
     model = model.to(dev).eval()
     table = exit_macs(model, meta)
     cum = [r["macs"] for r in table]

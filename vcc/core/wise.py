@@ -190,7 +190,7 @@ def run_wise(
     """
     from vcc.core.artefact import load_model, save_tensors, sha256_file
     from vcc.core.data.loader import make_loader
-    from vcc.core.exits import collect_exit_logits, exit_macs, is_multi_exit
+    from vcc.core.exits import collect_exit_logits, exit_macs_and_backbone, is_multi_exit
     from vcc.core.training import check_classes, dataset_info, resolve_device
     from vcc.core.workspace import atomic_write_json, atomic_write_text
 
@@ -200,9 +200,9 @@ def run_wise(
         raise UsageError(f"{model_path} has no early exits (train some with `vcc train --init MODEL --exits auto --kd progressive`)")
     info = dataset_info(data)
     check_classes(meta, list(info.classes))
-    table = exit_macs(model, meta)
+    table, backbone_macs = exit_macs_and_backbone(model, meta)
     cum = [float(r["macs"]) for r in table]
-    full_macs = _backbone_macs(model, meta)
+    full_macs = float(backbone_macs)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -247,14 +247,6 @@ def run_wise(
     doc["files"] = {"logits": str(logits_path), "csv": str(csv_path), "json": str(json_path), "plot": str(png_path)}
     atomic_write_json(json_path, doc)
     return doc
-
-
-def _backbone_macs(model: Any, meta: Any) -> float:
-    from vcc.core.exits import _leaf_macs
-
-    shape = (int(meta.input.get("channels", 3)), meta.frames, meta.size, meta.size)
-    total, _ = _leaf_macs(model.backbone, shape)
-    return float(total)
 
 
 def tradeoff_csv(methods: dict[str, list[dict[str, Any]]]) -> str:
