@@ -167,7 +167,7 @@ def start_train(
     meta.classes = classes
     meta.num_classes = len(classes)
     teacher_model, teacher_path = _load_teacher(ws, teacher, classes)
-    return _run(ws, info, model, meta, cfg, name, f"{arch}-{info.name}", teacher_model, teacher_path, init_path, "train", notes, progress, spec.name)
+    return _run(ws, info, model, meta, cfg, name, f"{arch}-{info.name}", teacher_model, teacher_path, init_path, "train", notes, progress)
 
 
 def start_finetune(
@@ -189,13 +189,13 @@ def start_finetune(
     cfg = dataclasses.replace(cfg, frames=cfg.frames or meta.frames, size=cfg.size or meta.size)
     teacher_model, teacher_path = _load_teacher(ws, teacher, list(info.classes))
     stem = path.parent.name if path.name in ("model.safetensors", "best.safetensors", "last.safetensors") else path.stem
-    return _run(ws, info, model, meta, cfg, name, f"{stem}-ft", teacher_model, teacher_path, path, "finetune", [], progress, meta.arch)
+    return _run(ws, info, model, meta, cfg, name, f"{stem}-ft", teacher_model, teacher_path, path, "finetune", [], progress)
 
 
 def _run(ws: Workspace, info: Any, model: nn.Module, meta: ModelMeta, cfg: TrainConfig, name: str | None, default_name: str,
          teacher: nn.Module | None, teacher_path: str | None, parent: Path | None, command: str, notes: list[str],
-         progress: ProgressFn | None, arch: str) -> RunResult:
-    check_classes(meta, list(info.classes), model_name=f"model ({arch})", data_name=f"dataset {info.name!r}")
+         progress: ProgressFn | None) -> RunResult:
+    # The callers have matched meta's classes to the dataset's (fit checks them again).
     run_name, run_dir = _new_run_dir(ws, name, default_name)
     cfg = dataclasses.replace(cfg, command=command, init=str(parent) if parent else None)
     if _rank() == 0:
@@ -256,10 +256,8 @@ def train_exits_run(
     """`vcc train --exits`: early-exit heads on `--init`'s frozen backbone (vcc.core.exits)."""
     if not init:
         raise UsageError("--exits needs --init MODEL (the trained backbone to attach exits to)")
-    try:
-        from vcc.core.exits import train_exits
-    except ModuleNotFoundError as exc:
-        raise VccError("early exits are not available in this build (vcc.core.exits missing)") from exc
+    from vcc.core.exits import train_exits
+
     info = _dataset(ws, data)
     init_path = ws.resolve_model(init)
     _, imeta = load_model(init_path)
