@@ -39,13 +39,6 @@ PEAKS = {
 }
 
 
-def device_name(device: torch.device) -> str:
-    """The device a figure was measured on."""
-    from vcc.core.sysinfo import device_name as _name
-
-    return _name(device)
-
-
 def peak_tflops(name: str, amp: bool) -> float | None:
     for key, (half, fp32) in PEAKS.items():
         if key in name:
@@ -116,6 +109,7 @@ def main() -> None:
 
     from vcc.core.macs import count_macs
     from vcc.core.models import build_model
+    from vcc.core.sysinfo import device_name
     from vcc.core.training import resolve_device
 
     device = resolve_device(args.device)
