@@ -46,10 +46,7 @@ def candidate_layers(model: nn.Module, meta: Any, ignore: list[str] | None = Non
     """Conv and linear layers to mask: all but the classifier(s) and `ignore` patterns."""
     from vcc.core.compress.prune import Surgeon, clone, example_input
 
-    plain = clone(model).cpu()
-    for n in masked_layers(plain):
-        tprune.remove(dict(plain.named_modules())[n], "weight")
-    s = Surgeon(plain, example_input(meta))
+    s = Surgeon(bake(clone(model).cpu()), example_input(meta))
     s.finish()
     skip = set(s.classifiers)
     out = []
@@ -144,6 +141,7 @@ def sparsity_of(model: nn.Module) -> dict[str, Any]:
 
 def bake(model: nn.Module) -> nn.Module:
     """Make masks permanent (weight = weight_orig * mask as a plain parameter); in place."""
+    mods = dict(model.named_modules())
     for n in masked_layers(model):
-        tprune.remove(dict(model.named_modules())[n], "weight")
+        tprune.remove(mods[n], "weight")
     return model

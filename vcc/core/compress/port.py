@@ -67,20 +67,20 @@ def remove_dead_channels(model: nn.Module, meta: Any, tol: float = 1e-6) -> tupl
     """A copy of `model` without the zero-filter channel groups whose removal is exact."""
     from vcc.core.compress.prune import Surgeon, example_input
 
+    # the probe finds the candidates, then is pruned itself by the first attempt (its tracing is reused)
     probe = Surgeon(clone(model).cpu().eval(), example_input(meta))
-    probe.finish()
     candidates = {gi: _zero_channels(probe.model, g) for gi, g in enumerate(probe.groups)}
     candidates = {gi: ch for gi, ch in candidates.items() if ch and len(ch) < probe.groups[gi].size}
     if not candidates:
-        return clone(model), {}
+        probe.finish()
+        return probe.model, {}
 
-    def attempt(plan: dict[int, list[int]]) -> nn.Module | None:
-        trial = clone(model).cpu().eval()
-        s = Surgeon(trial, example_input(meta))
+    def attempt(plan: dict[int, list[int]], s: Surgeon | None = None) -> nn.Module | None:
+        s = s or Surgeon(clone(model).cpu().eval(), example_input(meta))
         s.prune(plan)
-        return trial if max_abs_diff(model, trial, meta) <= tol else None
+        return s.model if max_abs_diff(model, s.model, meta) <= tol else None
 
-    result = attempt(candidates)
+    result = attempt(candidates, probe)
     if result is not None:
         return result, {probe.groups[gi].root: len(ch) for gi, ch in candidates.items()}
     accepted: dict[int, list[int]] = {}

@@ -383,13 +383,6 @@ def count_macs(model: nn.Module, meta: Any) -> tuple[int, int]:
     return int(res.macs), int(res.params)
 
 
-def count_params(model: nn.Module) -> int:
-    """Parameters of `model` (the same count `vcc macs` reports)."""
-    from vcc.core.macs import count_params as _count
-
-    return _count(model)
-
-
 # ---------------------------------------------------------------- planning
 
 
@@ -503,19 +496,28 @@ def prune_channels(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor],
     """
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"--ratio must be in (0, 1), got {ratio}")
-    pruned = clone(model).cpu().eval()
-    s = Surgeon(pruned, example_input(meta), ignore)
+    s = Surgeon(clone(model).cpu().eval(), example_input(meta), ignore)
     if not s.groups:
         s.finish()
         raise VccError(f"{meta.arch}: no prunable channels found (everything is a classifier or ignored)")
     gscores = group_scores(s.groups, scores, normalise=(scope == "global"))
-    base = [max(g.size, (ratio_of or {}).get(g.root, g.size)) for g in s.groups]
+    return _cut(s, meta, gscores, _ratio_bases(s.groups, ratio_of), ratio, scope, round_to)
+
+
+def _ratio_bases(groups: list[ChannelGroup], ratio_of: dict[str, int] | None) -> list[int]:
+    """Per group, the channel count a ratio refers to: `ratio_of`'s (the original model's) or its own."""
+    return [max(g.size, (ratio_of or {}).get(g.root, g.size)) for g in groups]
+
+
+def _cut(s: Surgeon, meta: Any, gscores: list[torch.Tensor], base: list[int], ratio: float, scope: str,
+         round_to: int) -> PruneOutcome:
+    """Prune `ratio` of the channels of Surgeon `s`'s model (in place), check and measure it."""
     removals = plan(s.groups, gscores, ratio, scope, base, round_to)
     removed = {s.groups[gi].root: len(ch) for gi, ch in removals.items() if ch}
     s.prune(removals)
-    _check_forward(pruned, meta)
-    macs, params = count_macs(pruned, meta)
-    return PruneOutcome(pruned, ratio, removed, macs, params)
+    _check_forward(s.model, meta)
+    macs, params = count_macs(s.model, meta)
+    return PruneOutcome(s.model, ratio, removed, macs, params)
 
 
 def _check_forward(model: nn.Module, meta: Any) -> None:
@@ -553,19 +555,20 @@ def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], 
     goal = target * base_macs
     if cur_macs <= goal:
         return PruneOutcome(clone(model).cpu().eval(), 0.0, {}, cur_macs, cur_params)
+    # the probe plans the ratio, then is pruned itself by the first attempt (its tracing is reused)
     probe = Surgeon(clone(model).cpu().eval(), example_input(meta), ignore)
-    probe.finish()
     probe.positions(example_input(meta))
     est0 = probe.estimate_macs({})
     other = cur_macs - est0  # MACs outside conv/linear weights (if any), assumed fixed
     gscores = group_scores(probe.groups, scores, normalise=(scope == "global"))
-    base = [max(g.size, (ratio_of or {}).get(g.root, g.size)) for g in probe.groups]
+    base = _ratio_bases(probe.groups, ratio_of)
 
     def est(r: float) -> int:
         return other + probe.estimate_macs(plan(probe.groups, gscores, r, scope, base, round_to))
 
     hi = 0.999
     if est(hi) > goal:
+        probe.finish()
         raise VccError(
             f"MACs target {target:g} is unreachable for {meta.arch}: even keeping one channel per group leaves "
             f"{est(hi) / base_macs:.3f} of the MACs (the rest is in layers that cannot be pruned)"
@@ -579,7 +582,8 @@ def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], 
             lo = mid
     r = hi
     for attempt in range(6):
-        out = prune_channels(model, meta, scores, r, scope=scope, ignore=ignore, ratio_of=ratio_of, round_to=round_to)
+        s = probe if attempt == 0 else Surgeon(clone(model).cpu().eval(), example_input(meta), ignore)
+        out = _cut(s, meta, gscores, base, r, scope, round_to)
         if progress:
             progress("target MACs", attempt + 1, None, {"ratio": round(r, 4), "macs": round(out.macs / base_macs, 4)})
         if out.macs <= goal or r >= 0.999:
@@ -699,9 +703,14 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
     history: list[dict[str, Any]] = []
     orig_sizes = None
     ranking_scores = None
-    mag_layers = None
-    if job.method != "magnitude":
-        orig_sizes = group_sizes(model, meta, job.ignore)
+    if job.method == "magnitude":
+        from vcc.core.compress.magnitude import apply_magnitude, candidate_layers, read_sparsity_csv
+
+        target = read_sparsity_csv(job.sparsity_csv) if job.sparsity_csv else float(job.sparsity)
+        mag_layers = candidate_layers(model, meta, job.ignore)
+    else:
+        if job.steps > 1:  # a single step's ratio refers to the model's own sizes anyway
+            orig_sizes = group_sizes(model, meta, job.ignore)
         if job.ranking:
             ranking_scores, rdoc = load_ranking(job.ranking, model)
             if rdoc.get("method") and rdoc["method"] != job.method:
@@ -709,15 +718,8 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
     dev = job.train.device if job.train is not None else "cpu"
     for t in range(1, job.steps + 1):
         if job.method == "magnitude":
-            from vcc.core.compress.magnitude import apply_magnitude, read_sparsity_csv
-
-            target = read_sparsity_csv(job.sparsity_csv) if job.sparsity_csv else float(job.sparsity)
             frac = agp_targets(1.0, job.steps)[t - 1]
             step_target = {k: v * frac for k, v in target.items()} if isinstance(target, dict) else target * frac
-            if mag_layers is None:
-                from vcc.core.compress.magnitude import candidate_layers
-
-                mag_layers = candidate_layers(model, meta, job.ignore)
             model, meta, achieved = apply_magnitude(model, meta, step_target, ignore=job.ignore, layers=mag_layers)
             record = {"step": t, "sparsity": step_target if not isinstance(step_target, dict) else None,
                       "masked_fraction": sum(achieved.values()) / max(1, len(achieved))}
