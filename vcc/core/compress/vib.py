@@ -81,7 +81,7 @@ class VIBGate(nn.Module):
 
     def mask(self) -> torch.Tensor:
         """The hard 0/1 mask (float, no gradient)."""
-        return (self.log_alpha() < self.threshold).to(self.mu.dtype).detach()
+        return self.kept().to(self.mu.dtype)
 
     def kept(self) -> torch.Tensor:
         """Bool tensor of kept units."""
@@ -252,8 +252,8 @@ def _conv_targets(model: nn.Module, exclude: list[str]) -> list[tuple[str, str]]
 # ---------------------------------------------------------------- the wrapper
 
 
-def _gate_names(model: nn.Module) -> dict[str, VIBGate]:
-    """Public layer name -> gate, for a gated model."""
+def gates(model: nn.Module) -> dict[str, VIBGate]:
+    """Public layer name -> gate of a gated model (empty if none)."""
     out: dict[str, VIBGate] = {}
     if isinstance(getattr(model, "lstm", None), GatedLSTM):
         for key, name in model.lstm.layer_names("lstm").items():
@@ -306,7 +306,7 @@ def vib_wrapper(
         if not cg.gates:
             raise UsageError("VIB: the model has no LSTM and no convolution to gate")
         model.vib_gates = cg
-    for name, gate in _gate_names(model).items():
+    for name, gate in gates(model).items():
         gate.kml = layer_kml(name, kml, kml_layer)
     return model
 
@@ -314,11 +314,6 @@ def vib_wrapper(
 def gated(model: nn.Module) -> bool:
     """True when `model` carries VIB gates."""
     return isinstance(getattr(model, "lstm", None), GatedLSTM) or isinstance(getattr(model, "vib_gates", None), ChannelGates)
-
-
-def gates(model: nn.Module) -> dict[str, VIBGate]:
-    """Public layer name -> gate of a gated model (empty if none)."""
-    return _gate_names(model)
 
 
 def set_gates(model: nn.Module, *, threshold: float | None = None, hard: bool | None = None, kml: float | None = None, kml_layer: dict[str, float] | None = None) -> None:
@@ -413,10 +408,6 @@ def _base_params(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- port
-
-
-def _strip_vib(meta, wrappers: list[dict[str, Any]]):
-    return meta.child(wrappers=wrappers, structure={})
 
 
 @torch.no_grad()
@@ -600,7 +591,7 @@ def port_vib(model: nn.Module, meta) -> tuple[nn.Module, Any, dict[str, Any]]:
     wrappers = [w for w in meta.wrappers if w.get("name") != "vib"]
     params_before = _base_params(model)
     kept = kept_units(model)
-    if isinstance(model.lstm if hasattr(model, "lstm") else None, GatedLSTM):
+    if isinstance(getattr(model, "lstm", None), GatedLSTM):
         dense, select, info = _port_lstm(model)
         if select:
             wrappers.append({"name": "vib_select", "options": {"index_size": int(dense.lstm.index.numel())}})
@@ -628,7 +619,7 @@ def port_vib(model: nn.Module, meta) -> tuple[nn.Module, Any, dict[str, Any]]:
     )
     if "compression" not in info:
         info["compression"] = info["model_compression"]
-    dense_meta = _strip_vib(meta, wrappers)
+    dense_meta = meta.child(wrappers=wrappers, structure={})
     dense_meta.extra = {**dense_meta.extra, "vib_port": {k: v for k, v in info.items() if k != "channels"}}
     return dense, dense_meta, info
 
