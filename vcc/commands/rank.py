@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
 
         from vcc.commands._common import ProgressHook, log, progress, render, workspace
         from vcc.core.artefact import load_model
-        from vcc.core.compress.rank import layer_table, save_ranking
+        from vcc.core.compress.rank import DATA_METHODS, layer_table, save_ranking
         from vcc.core.compress.rank import rank as rank_fn
         from vcc.core.errors import UsageError
         from vcc.core.report import Report, Table
@@ -65,18 +65,21 @@ def register(app: typer.Typer) -> None:
                 rows = sens_fn(net, meta, data_path, scores, ratio_list, clips=clips, device=device,
                                ignore=list(ignore or []), progress=hook)
         written: dict[str, str] = {}
+
+        def save(path: Path) -> None:
+            save_ranking(path, scores, method=method_l, model_path=model_path, meta=meta,
+                         batches=batches if method_l in DATA_METHODS else None)
+
         if out and not sensitivity:
-            path = Path(out)
-            save_ranking(path, scores, method=method_l, model_path=model_path, meta=meta, batches=batches if method_l in ("taylor", "oracle") else None)
-            written["ranking"] = str(path)
+            save(Path(out))
+            written["ranking"] = str(Path(out))
         else:
             run_name = name or ws.unique_run_name(f"rank-{method_l}")
             run_dir = ws.run_dir(run_name)
             if run_dir.exists():
                 raise UsageError(f"run {run_name!r} already exists in {ws.runs_dir}; choose another --name")
             with atomic_dir(run_dir, replace=False) as tmp:
-                rpath = Path(out) if out else tmp / f"ranking-{method_l}.safetensors"
-                save_ranking(rpath, scores, method=method_l, model_path=model_path, meta=meta, batches=batches if method_l in ("taylor", "oracle") else None)
+                save(Path(out) if out else tmp / f"ranking-{method_l}.safetensors")
                 if rows is not None:
                     from vcc.core.compress.sensitivity import plot, write_csv
 
