@@ -110,6 +110,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from vcc.core.artefact import ModelMeta, input_spec, load_model, save_model
+    from vcc.core.compress.port import max_abs_diff
     from vcc.core.compress.vib import port_vib, prune_vib
     from vcc.core.data.manifest import load_dataset
     from vcc.core.data.synthetic import prepare_synthetic
@@ -209,41 +210,33 @@ def main() -> None:
         kml_layer = {"lstm.input": 2.0}
     t0 = time.perf_counter()
     freeze = args.arch == "cnn_lstm" and not args.end_to_end
+
+    def run_vib(src: Path, epochs: int, command: str, run_dir: Path, finetune: bool) -> dict:
+        return prune_vib(
+            src,
+            info,
+            cfg(epochs, args.vib_lr, command),
+            run_dir,
+            kml=args.kml,
+            ib_lr=args.ib_lr,
+            kl_factor=args.kl_factor,
+            mask_threshold=0.0,
+            kml_layer=kml_layer,
+            finetune=finetune,
+            freeze_backbone=freeze,
+            progress=None,
+        )
+
     vib_dir = ws.run_dir("vib", create=True)
-    vib = prune_vib(
-        base_path,
-        info,
-        cfg(args.vib_epochs, args.vib_lr, "prune"),
-        vib_dir,
-        kml=args.kml,
-        ib_lr=args.ib_lr,
-        kl_factor=args.kl_factor,
-        mask_threshold=0.0,
-        kml_layer=kml_layer,
-        finetune=False,
-        freeze_backbone=freeze,
-        progress=None,
-    )
+    vib = run_vib(base_path, args.vib_epochs, "prune", vib_dir, finetune=False)
     t_vib = time.perf_counter() - t0
     gated_path = Path(vib["model_path"])
     vib_acc = acc(gated_path)
     ft_acc, t_ft = None, 0.0
     if args.ft_epochs > 0:
         t0 = time.perf_counter()
-        ft_dir = ws.run_dir("vib-ft", create=True)
-        ft = prune_vib(
-            gated_path,
-            info,
-            cfg(args.ft_epochs, args.vib_lr, "finetune"),
-            ft_dir,
-            kml=args.kml,
-            ib_lr=args.ib_lr,
-            kl_factor=args.kl_factor,
-            mask_threshold=0.0,
-            kml_layer=kml_layer,
-            finetune=True,
-            freeze_backbone=freeze,
-            progress=None,
+        ft = run_vib(
+            gated_path, args.ft_epochs, "finetune", ws.run_dir("vib-ft", create=True), finetune=True
         )
         t_ft = time.perf_counter() - t0
         gated_path = Path(ft["model_path"])
@@ -252,9 +245,7 @@ def main() -> None:
     t0 = time.perf_counter()
     gated, gmeta = load_model(gated_path, device="cpu")
     dense, dmeta, pinfo = port_vib(gated, gmeta)
-    x = torch.randn(4, 3, args.frames, args.size, args.size)
-    with torch.no_grad():
-        diff = float((gated(x) - dense(x)).abs().max())
+    diff = max_abs_diff(gated, dense, gmeta, batch=4)
     dense_path = ws.run_dir("vib-dense", create=True) / "model.safetensors"
     save_model(dense_path, dense, dmeta)
     t_port = time.perf_counter() - t0

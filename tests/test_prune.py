@@ -27,6 +27,17 @@ def _meta(arch: str, opts: dict, classes: int = 5, frames: int = 8, size: int = 
     return ModelMeta(arch=arch, num_classes=classes, options=opts, input=input_spec(frames, size))
 
 
+def _tiny_scored(p: int) -> tuple[nn.Module, ModelMeta, dict[str, torch.Tensor]]:
+    """A seeded r3d_tiny (4 classes), its meta and the L`p` filter-norm scores of its prunable convs."""
+    from vcc.core.compress.prune import prunable_layers
+    from vcc.core.compress.rank import weight_scores
+
+    torch.manual_seed(0)
+    model = build_model("r3d_tiny", num_classes=4).eval()
+    meta = _meta("r3d_tiny", {}, classes=4)
+    return model, meta, weight_scores(model, prunable_layers(model, meta), p)
+
+
 def _cnn_archs() -> list:
     out = []
     for name in list_models():
@@ -119,15 +130,11 @@ def test_every_cnn_arch_prunes_and_round_trips(arch: str, tmp_path: Path) -> Non
 
 
 def test_target_macs_halves_macs_and_errors(tmp_path: Path) -> None:
-    from vcc.core.compress.prune import count_macs, prunable_layers, prune_to_macs
-    from vcc.core.compress.rank import weight_scores
+    from vcc.core.compress.prune import count_macs, prune_to_macs
     from vcc.core.errors import UsageError, VccError
 
-    torch.manual_seed(0)
-    model = build_model("r3d_tiny", num_classes=4).eval()
-    meta = _meta("r3d_tiny", {}, classes=4)
+    model, meta, scores = _tiny_scored(2)
     base, _ = count_macs(model, meta)
-    scores = weight_scores(model, prunable_layers(model, meta), 2)
     out = prune_to_macs(model, meta, scores, 0.5)
     assert 0.4 * base < out.macs <= 0.5 * base
     with pytest.raises(VccError, match="unreachable"):
@@ -137,13 +144,9 @@ def test_target_macs_halves_macs_and_errors(tmp_path: Path) -> None:
 
 
 def test_ignore_keeps_layers_and_layer_scope_is_uniform() -> None:
-    from vcc.core.compress.prune import prunable_layers, prune_channels
-    from vcc.core.compress.rank import weight_scores
+    from vcc.core.compress.prune import prune_channels
 
-    torch.manual_seed(0)
-    model = build_model("r3d_tiny", num_classes=4).eval()
-    meta = _meta("r3d_tiny", {}, classes=4)
-    scores = weight_scores(model, prunable_layers(model, meta), 1)
+    model, meta, scores = _tiny_scored(1)
     out = prune_channels(model, meta, scores, 0.5, scope="layer", ignore=["layer4.*"])
     assert out.model.layer4[0].conv1.out_channels == 128
     assert out.model.layer3[0].conv1.out_channels == 32
@@ -253,14 +256,10 @@ def test_iterative_steps_follow_agp_to_the_final_ratio(ws, tiny_model: Path) -> 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_round_to_keeps_multiples_and_still_meets_the_macs_target(scope: str) -> None:
-    from vcc.core.compress.prune import count_macs, prunable_layers, prune_to_macs
-    from vcc.core.compress.rank import weight_scores
+    from vcc.core.compress.prune import count_macs, prune_to_macs
 
-    torch.manual_seed(0)
-    model = build_model("r3d_tiny", num_classes=4).eval()
-    meta = _meta("r3d_tiny", {}, classes=4)
+    model, meta, scores = _tiny_scored(1)
     base, _ = count_macs(model, meta)
-    scores = weight_scores(model, prunable_layers(model, meta), 1)
     plain = prune_to_macs(model, meta, scores, 0.5, scope=scope)
     widths = [m.out_channels for m in plain.model.modules() if isinstance(m, nn.Conv3d)]
     assert any(w % 8 for w in widths)  # without rounding, odd widths appear: the test below is not vacuous
