@@ -84,13 +84,11 @@ class C3D(nn.Module):
         return self.fc8(self.forward_features(x))
 
 
-@register_model(
+# The class is its own builder: its keyword arguments are the arch options.
+register_model(
     "c3d",
     family="c3d",
     frames=16,
     size=112,
     description="C3D (Tran et al. 2015); options: dropout (0.5), fc_dim (4096), batch_norm (off)",
-)
-def c3d(num_classes: int, dropout: float = 0.5, fc_dim: int = 4096, batch_norm: bool = False) -> C3D:
-    """C3D; small clips work thanks to ceil-mode pools and an adaptive pool before fc6."""
-    return C3D(num_classes, dropout=dropout, fc_dim=fc_dim, batch_norm=batch_norm)
+)(C3D)

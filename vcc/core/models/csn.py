@@ -12,6 +12,8 @@ Built like facebookresearch/VMZ (``pt/vmz/models``): torchvision's VideoResNet w
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from vcc.core.models.registry import register_model
@@ -72,23 +74,12 @@ def csn(kind: str, depth: int, num_classes: int, dropout: float = 0.0) -> VideoR
     return model
 
 
-def _register(kind: str, depth: int) -> None:
-    what = "3x3x3 depthwise" if kind == "ir" else "1x1x1 conv + 3x3x3 depthwise"
-    name = f"{kind}_csn_{depth}"
-
-    @register_model(
-        name,
-        family="csn",
-        frames=16 if depth < 152 else 32,
-        size=112 if depth < 152 else 224,
-        description=f"{kind}-CSN-{depth} (Tran et al. 2019; bottleneck middle conv = {what}); options: dropout",
-    )
-    def _build(num_classes: int, dropout: float = 0.0) -> VideoResNetX:
-        return csn(kind, depth, num_classes, dropout=dropout)
-
-    _build.__name__ = name
-
-
-for _kind in ("ir", "ip"):
+for _kind, _what in (("ir", "3x3x3 depthwise"), ("ip", "1x1x1 conv + 3x3x3 depthwise")):
     for _depth in _DEPTHS:
-        _register(_kind, _depth)
+        register_model(
+            f"{_kind}_csn_{_depth}",
+            family="csn",
+            frames=16 if _depth < 152 else 32,
+            size=112 if _depth < 152 else 224,
+            description=f"{_kind}-CSN-{_depth} (Tran et al. 2019; bottleneck middle conv = {_what}); options: dropout",
+        )(functools.partial(csn, _kind, _depth))

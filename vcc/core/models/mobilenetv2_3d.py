@@ -97,13 +97,11 @@ class MobileNetV2_3D(nn.Module):
         return self.classifier(self.forward_features(x))
 
 
-@register_model(
+# The class is its own builder: its keyword arguments are the arch options.
+register_model(
     "mobilenetv2_3d",
     family="mobilenetv2_3d",
     frames=16,
     size=112,
     description="3D MobileNetV2 (Köpüklü et al. 2019); options: width_mult (1.0), dropout (0.2)",
-)
-def mobilenetv2_3d(num_classes: int, width_mult: float = 1.0, dropout: float = 0.2) -> MobileNetV2_3D:
-    """3D MobileNetV2 with `width_mult`."""
-    return MobileNetV2_3D(num_classes, width_mult=width_mult, dropout=dropout)
+)(MobileNetV2_3D)

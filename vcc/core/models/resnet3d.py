@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -164,75 +166,35 @@ _DEPTHS = {
 }
 
 
-def resnet3d(depth: int, num_classes: int, **options) -> ResNet3D:
-    """A Hara 3D ResNet of the given depth."""
-    if depth not in _DEPTHS:
-        raise ValueError(f"depth must be one of {sorted(_DEPTHS)}")
+def _register(name: str, depth: int, description: str, frames: int = 16, size: int = 112, **defaults) -> None:
+    """Register ResNet3D with depth `depth`'s block and layers; `defaults` override its keyword defaults.
+
+    The partial is the builder: its signature (ResNet3D's, with these defaults) gives the arch
+    options and their types, so no signature is copied.
+    """
     block, layers = _DEPTHS[depth]
-    return ResNet3D(block, layers, num_classes, **options)
-
-
-def _register(depth: int) -> None:
-    @register_model(f"resnet3d_{depth}", family="resnet3d", frames=16, size=112, description=f"3D ResNet-{depth} (Hara et al. 2018); options: shortcut A|B, base_width, dropout, conv1_s_size, t_stride")
-    def _build(
-        num_classes: int,
-        shortcut: str = "B" if depth >= 50 else "A",
-        base_width: int = 64,
-        conv1_t_size: int = 7,
-        conv1_t_stride: int = 1,
-        no_max_pool: bool = False,
-        dropout: float = 0.0,
-        conv1_s_size: int = 7,
-        t_stride: int = 2,
-    ) -> ResNet3D:
-        return resnet3d(
-            depth,
-            num_classes,
-            shortcut=shortcut,
-            base_width=base_width,
-            conv1_t_size=conv1_t_size,
-            conv1_t_stride=conv1_t_stride,
-            no_max_pool=no_max_pool,
-            dropout=dropout,
-            conv1_s_size=conv1_s_size,
-            t_stride=t_stride,
-        )
+    register_model(name, family="resnet3d", frames=frames, size=size, description=description)(functools.partial(ResNet3D, block, layers, **defaults))
 
 
 for _d in _DEPTHS:
-    _register(_d)
-
-
-@register_model("r3d_tiny", family="resnet3d", frames=8, size=32, description="3D ResNet-10, base width 16, shortcut B: the small model for CPU demos and tests")
-def r3d_tiny(
-    num_classes: int,
-    base_width: int = 16,
-    shortcut: str = "B",
-    conv1_t_size: int = 3,
-    conv1_t_stride: int = 1,
-    no_max_pool: bool = False,
-    dropout: float = 0.0,
-    conv1_s_size: int = 7,
-    t_stride: int = 2,
-) -> ResNet3D:
-    """3D ResNet-10 with base width 16 and a 3x7x7 stem.
-
-    ``conv1_s_size=3, t_stride=1`` gives the early-exit friendly variant: a 3x3x3 stem and every
-    frame kept to the end, so the four stages cost about the same and the first exit about 40%
-    of the MACs (the default 3x7x7 stem alone is ~70% of them at 8x32x32).
-    """
-    return ResNet3D(
-        BasicBlock,
-        [1, 1, 1, 1],
-        num_classes,
-        shortcut=shortcut,
-        base_width=base_width,
-        conv1_t_size=conv1_t_size,
-        conv1_t_stride=conv1_t_stride,
-        no_max_pool=no_max_pool,
-        dropout=dropout,
-        conv1_s_size=conv1_s_size,
-        t_stride=t_stride,
+    _register(
+        f"resnet3d_{_d}",
+        _d,
+        f"3D ResNet-{_d} (Hara et al. 2018); options: shortcut A|B, base_width, dropout, conv1_s_size, t_stride",
+        shortcut="B" if _d >= 50 else "A",
     )
 
-
+# 3D ResNet-10 with base width 16 and a 3x7x7 stem. ``conv1_s_size=3, t_stride=1`` gives the
+# early-exit friendly variant: a 3x3x3 stem and every frame kept to the end, so the four stages
+# cost about the same and the first exit about 40% of the MACs (the default 3x7x7 stem alone is
+# ~70% of them at 8x32x32).
+_register(
+    "r3d_tiny",
+    10,
+    "3D ResNet-10, base width 16, shortcut B: the small model for CPU demos and tests",
+    frames=8,
+    size=32,
+    base_width=16,
+    shortcut="B",
+    conv1_t_size=3,
+)

@@ -9,6 +9,8 @@ an optional dropout before the classifier and ``stages()`` for early exits; s3d'
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,19 +86,16 @@ def _resnet_parts(name: str) -> tuple[list[type[nn.Module]], type[nn.Module]]:
     return [tvr.Conv2Plus1D] * 4, tvr.R2Plus1dStem
 
 
-def _register_resnet(name: str) -> None:
-    @register_model(name, family="torchvision", frames=16, size=112, description=_DESCRIPTIONS[name])
-    def _build(num_classes: int, dropout: float = 0.0, zero_init_residual: bool = False) -> VideoResNetX:
-        from torchvision.models.video.resnet import BasicBlock
+def _video_resnet(name: str, num_classes: int, dropout: float = 0.0, zero_init_residual: bool = False) -> VideoResNetX:
+    """torchvision's r3d_18, mc3_18 or r2plus1d_18 as a VideoResNetX."""
+    from torchvision.models.video.resnet import BasicBlock
 
-        makers, stem = _resnet_parts(name)
-        return VideoResNetX(BasicBlock, makers, [2, 2, 2, 2], stem, num_classes, zero_init_residual, dropout)
-
-    _build.__name__ = name
+    makers, stem = _resnet_parts(name)
+    return VideoResNetX(BasicBlock, makers, [2, 2, 2, 2], stem, num_classes, zero_init_residual, dropout)
 
 
-for _name in _DESCRIPTIONS:
-    _register_resnet(_name)
+for _name, _description in _DESCRIPTIONS.items():
+    register_model(_name, family="torchvision", frames=16, size=112, description=_description)(functools.partial(_video_resnet, _name))
 
 
 class ClampedAvgPool3d(nn.Module):
@@ -139,13 +138,11 @@ class S3DX(nn.Module):
         return torch.mean(self.classifier(x), dim=(2, 3, 4))
 
 
-@register_model(
+# The class is its own builder: its keyword arguments are the arch options.
+register_model(
     "s3d",
     family="torchvision",
     frames=16,
     size=224,
     description="torchvision S3D (separable 3D Inception, Xie et al. 2018); options: dropout (0.2)",
-)
-def s3d(num_classes: int, dropout: float = 0.2) -> S3DX:
-    """torchvision S3D with a Conv3d classifier of `num_classes` outputs."""
-    return S3DX(num_classes=num_classes, dropout=dropout)
+)(S3DX)
