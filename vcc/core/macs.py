@@ -324,7 +324,6 @@ class MacsTarget:
     size: int
     channels: int = 3
     meta: Any = None  # vcc.core.artefact.ModelMeta for an artefact
-    path: str | None = None
 
 
 def resolve_target(spec: str, ws: Any, num_classes: int | None = None) -> MacsTarget:
@@ -356,27 +355,19 @@ def resolve_target(spec: str, ws: Any, num_classes: int | None = None) -> MacsTa
     path = ws.resolve_model(spec) if ws is not None else Path(spec)
     model, meta = load_model(path)
     channels = int(meta.input.get("channels", 3))
-    return MacsTarget(label=spec, model=model, frames=meta.frames, size=meta.size, channels=channels, meta=meta, path=str(path))
-
-
-def has_exits(meta: Any) -> bool:
-    """Whether an artefact's metadata carries early exits (an ``exits`` wrapper)."""
-    return meta is not None and any(w.get("name") == "exits" for w in meta.wrappers)
+    return MacsTarget(label=spec, model=model, frames=meta.frames, size=meta.size, channels=channels, meta=meta)
 
 
 def exit_macs_for(target: MacsTarget, frames: int, size: int) -> list[dict[str, Any]] | None:
     """Cumulative MACs per exit of a multi-exit model at (frames, size), via vcc.core.exits.
 
-    None when the model has no exits or the early-exit module is not available.
+    None when the model has no exits.
     """
-    if not has_exits(target.meta):
+    if target.meta is None:
         return None
-    try:
-        from vcc.core.exits import exit_macs
-    except ImportError:
-        return None
-    from vcc.core.artefact import input_spec
+    from vcc.core.exits import exit_macs, is_multi_exit
 
-    meta = target.meta
-    meta = meta.child(input={**meta.input, **input_spec(frames, size, meta.mean, meta.std), "channels": target.channels})
-    return [dict(row) for row in exit_macs(target.model, meta)]
+    if not is_multi_exit(target.meta):
+        return None
+    meta = target.meta.child(input={**target.meta.input, "frames": int(frames), "size": int(size)})
+    return exit_macs(target.model, meta)
