@@ -19,6 +19,7 @@ from vcc.commands._common import (
 MinFramesOpt = Annotated[int, typer.Option("--min-frames", min=1, help="Skip videos shorter than this many frames.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=1, max=32, help="Videos probed at once.")]
 RootOpt = Annotated[str, typer.Option("--root", help="Folder holding the videos.", show_default=False)]
+SplitOpt = Annotated[int, typer.Option("--split", min=1, max=3, help="Official split 1, 2 or 3.")]
 
 
 def _run(fn: Any, fmt: Any, /, **kwargs: Any) -> None:
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
     def ucf101(
         root: RootOpt,
         splits: Annotated[str, typer.Option("--splits", help="The official ucfTrainTestlist folder (classInd.txt, trainlist0N.txt, testlist0N.txt).", show_default=False)],
-        split: Annotated[int, typer.Option("--split", min=1, max=3, help="Official split 1, 2 or 3.")] = 1,
+        split: SplitOpt = 1,
         name: NameOpt = None,
         min_frames: MinFramesOpt = 8,
         workers: WorkersOpt = 4,
@@ -66,7 +67,7 @@ def register(app: typer.Typer) -> None:
     def hmdb51(
         root: RootOpt,
         splits: Annotated[str, typer.Option("--splits", help="The testTrainMulti_7030_splits folder (<class>_test_split<N>.txt).", show_default=False)],
-        split: Annotated[int, typer.Option("--split", min=1, max=3, help="Official split 1, 2 or 3.")] = 1,
+        split: SplitOpt = 1,
         name: NameOpt = None,
         min_frames: MinFramesOpt = 8,
         workers: WorkersOpt = 4,

@@ -19,12 +19,11 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vcc.core.data.manifest import PrepareResult, VideoEntry, write_dataset
-from vcc.core.data.probe import ProbeCache, probe_many
+from vcc.core.data.probe import ProbeCache, Progress, probe_many
 from vcc.core.errors import UsageError, VccError
 from vcc.core.workspace import Workspace, atomic_dir, check_name
 
@@ -38,7 +37,6 @@ __all__ = [
     "UCF11_TEST_GROUPS",
 ]
 
-Progress = Callable[[str, int, "int | None", dict], None]
 VIDEO_EXTS = {".avi", ".mp4", ".mkv", ".webm", ".mpg", ".mpeg", ".mov", ".m4v", ".flv", ".wmv", ".3gp", ".ogv", ".ts"}
 UCF11_TEST_GROUPS = (21, 22, 23, 24, 25)
 DEFAULT_MIN_FRAMES = 8
@@ -66,16 +64,19 @@ class CaseInsensitiveTree:
             self._dirs[d] = {n.lower(): n for n in sorted(names, reverse=True)}
         return self._dirs[d]
 
+    def child(self, d: Path, name: str) -> Path | None:
+        """`d / name` if it exists, else the entry of `d` matching `name` ignoring case (or None)."""
+        if (d / name).exists():
+            return d / name
+        actual = self._listing(d).get(name.lower())
+        return d / actual if actual is not None else None
+
     def resolve(self, rel: str) -> Path | None:
-        cur = self.root
+        cur: Path | None = self.root
         for part in [p for p in re.split(r"[\\/]+", rel.strip()) if p not in ("", ".")]:
-            if (cur / part).exists():
-                cur = cur / part
-                continue
-            actual = self._listing(cur).get(part.lower())
-            if actual is None:
+            cur = self.child(cur, part)
+            if cur is None:
                 return None
-            cur = cur / actual
         return cur
 
 
@@ -89,6 +90,16 @@ def _find_child(root: Path, names: tuple[str, ...]) -> Path | None:
         if n.lower() in children:
             return children[n.lower()]
     return None
+
+
+def _class_names(d: Path) -> list[str]:
+    """The class folders of `d` (hidden ones skipped), sorted by name."""
+    return sorted(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
+
+
+def _check_split(split: int, dataset: str) -> None:
+    if split not in (1, 2, 3):
+        raise UsageError(f"--split must be 1, 2 or 3 for {dataset}, got {split}")
 
 
 def _need_dir(path: str | Path, what: str) -> Path:
@@ -198,8 +209,7 @@ def prepare_ucf101(
     progress: Progress | None = None,
 ) -> PrepareResult:
     """UCF101 from the archive (`UCF-101/<Class>/*.avi`) and the official `ucfTrainTestlist`."""
-    if split not in (1, 2, 3):
-        raise UsageError(f"--split must be 1, 2 or 3 for UCF101, got {split}")
+    _check_split(split, "UCF101")
     root_dir = _need_dir(root, "--root")
     lists = _ucf_lists_dir(_need_dir(splits, "--splits"))
     video_root = _find_child(root_dir, ("UCF-101", "UCF101")) or root_dir
@@ -259,8 +269,7 @@ def prepare_hmdb51(
     progress: Progress | None = None,
 ) -> PrepareResult:
     """HMDB51: `<root>/<class>/<name>.avi` and `<class>_test_split<N>.txt` lists (1 train, 2 test, 0 unused)."""
-    if split not in (1, 2, 3):
-        raise UsageError(f"--split must be 1, 2 or 3 for HMDB51, got {split}")
+    _check_split(split, "HMDB51")
     root_dir = _need_dir(root, "--root")
     lists = _hmdb_lists_dir(_need_dir(splits, "--splits"), split)
     suffix = f"_test_split{split}.txt"
@@ -275,6 +284,7 @@ def prepare_hmdb51(
     candidates: list[Candidate] = []
     skipped: list[dict[str, str]] = []
     for label, cls in enumerate(classes):
+        cls_dir = tree.resolve(cls)
         for ln in _read_lines(files[cls]):
             parts = ln.rsplit(None, 1)
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
@@ -285,24 +295,14 @@ def prepare_hmdb51(
                 continue
             rel = f"{cls}/{fname}"
             split_name = "train" if tag == "1" else "test"
-            candidates.append((_resolve_name(tree, cls, fname), str(video_root / rel), label, split_name))
+            # the name may hold any character but '/': one folder entry, not a relative path
+            path = tree.child(cls_dir, fname) if cls_dir is not None else None
+            candidates.append((path, str(video_root / rel), label, split_name))
     options = {"root": str(root_dir.resolve()), "splits": str(lists.resolve()), "split": split}
     return _build(
         ws, name or ("hmdb51" if split == 1 else f"hmdb51-split{split}"), classes, candidates,
         source="hmdb51", options=options, min_frames=min_frames, workers=workers, progress=progress, skipped=skipped,
     )
-
-
-def _resolve_name(tree: CaseInsensitiveTree, cls: str, fname: str) -> Path | None:
-    """Resolve `<cls>/<fname>` where `fname` may hold any character except '/'."""
-    d = tree.resolve(cls)
-    if d is None:
-        return None
-    p = d / fname
-    if p.exists():
-        return p
-    actual = tree._listing(d).get(fname.lower())
-    return d / actual if actual else None
 
 
 # ---------------------------------------------------------------- UCF11
@@ -338,7 +338,7 @@ def prepare_ucf11(
     root_dir = _need_dir(root, "--root")
     video_root = _find_child(root_dir, ("action_youtube_naudio", "UCF11_updated_mpg", "UCF11")) or root_dir
     held = {fold} if fold is not None else set(test_groups)
-    classes = sorted(c.name for c in video_root.iterdir() if c.is_dir() and not c.name.startswith("."))
+    classes = _class_names(video_root)
     if not classes:
         raise UsageError(f"no class folders in {video_root}")
     candidates: list[Candidate] = []
@@ -391,13 +391,13 @@ def prepare_folder(
     presplit = train_dir is not None and test_dir is not None
     candidates: list[Candidate] = []
     if presplit:
-        classes = sorted({c.name for d in (train_dir, test_dir) for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")})
+        classes = sorted({*_class_names(train_dir), *_class_names(test_dir)})
         for split_name, d in (("train", train_dir), ("test", test_dir)):
             for label, cls in enumerate(classes):
                 if (d / cls).is_dir():
                     candidates += [(p, str(p), label, split_name) for p in _class_videos(d / cls)]
     else:
-        classes = sorted(c.name for c in root_dir.iterdir() if c.is_dir() and not c.name.startswith("."))
+        classes = _class_names(root_dir)
         for label, cls in enumerate(classes):
             candidates += [(p, str(p), label, "auto") for p in _class_videos(root_dir / cls)]
     if not classes:
