@@ -159,11 +159,10 @@ def render_video(motion: str, frames: int, size: int, rng: np.random.Generator, 
         dy = (yy - cy + size / 2) % size - size / 2
         return dx, dy
 
-    # static distractors that look like the moving shape
+    # a static distractor that looks like the moving shapes
     static = bg.copy()
-    for _ in range(1):
-        m = _shape_mask(int(rng.integers(0, 3)), *wrapped(*rng.uniform(0, size, 2)), float(rng.uniform(6, 9) * s))
-        static[m] = _contrast_colour(bg_mean, rng)
+    m = _shape_mask(int(rng.integers(0, 3)), *wrapped(*rng.uniform(0, size, 2)), float(rng.uniform(6, 9) * s))
+    static[m] = _contrast_colour(bg_mean, rng)
 
     # the moving shapes: all follow the class's motion, each from its own start
     movers = []
