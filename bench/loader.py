@@ -100,15 +100,10 @@ def _pyav_dataset(ds, plain: bool):
             w, h = transforms.resized_shape(e.width, e.height, self.short)
             return PyAVReader(e.path, w, h, e.n_frames, plain=plain)
 
-    p = PyAVClipDataset(ds.entries, train=True, frames=ds.frames, size=ds.size, stride=ds.stride, seed=ds.seed)
-    return p
+    return PyAVClipDataset(ds.entries, train=True, frames=ds.frames, size=ds.size, stride=ds.stride, seed=ds.seed)
 
 
-def _one_thread(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def _rate(loader) -> tuple[float, int]:
+def _rate(loader) -> float:
     it = iter(loader)
     first = next(it)
     n, t0 = 0, time.perf_counter()
@@ -116,7 +111,7 @@ def _rate(loader) -> tuple[float, int]:
         n += len(x)
     dt = time.perf_counter() - t0
     assert first[0].dtype == torch.uint8
-    return n / dt, n + len(first[0])
+    return n / dt
 
 
 def main() -> None:
@@ -167,20 +162,19 @@ def main() -> None:
             for w in (1, 2):
                 ld = make_loader(info, "train", workers=w, **kw)
                 k = f"vcc_w{w}_clips_per_s"
-                out[k] = max(out.get(k, 0.0), _rate(ld)[0])
+                out[k] = max(out.get(k, 0.0), _rate(ld))
                 for kind in ("plain", "tuned"):
                     pds = _pyav_dataset(ld.dataset, plain=kind == "plain")
-                    pl = DataLoader(pds, batch_size=args.batch, sampler=ld.sampler, num_workers=w, worker_init_fn=_one_thread)
+                    pl = DataLoader(pds, batch_size=args.batch, sampler=ld.sampler, num_workers=w, worker_init_fn=ld.worker_init_fn)
                     k = f"pyav_{kind}_w{w}_clips_per_s"
-                    out[k] = max(out.get(k, 0.0), _rate(pl)[0])
+                    out[k] = max(out.get(k, 0.0), _rate(pl))
 
         # decord raw: the same clips' frames, one process, one thread, no crop/tensor/collate
         import decord
 
         from vcc.core.data import transforms
 
-        ds = make_loader(info, "train", workers=0, **kw).dataset
-        w_, h_ = transforms.resized_shape(e0.width, e0.height, ds.short)
+        w_, h_ = transforms.resized_shape(e0.width, e0.height, transforms.scale_for(args.size))
         clips = [sampling.train_indices(e.n_frames, args.frames, args.stride, np.random.default_rng([0, 0, i, 0])) for i, e in enumerate(info.entries)]
         for _ in range(args.rounds):
             for key, kw_ in (("decord_raw", {}), ("decord_scaled", {"width": w_, "height": h_})):
