@@ -27,12 +27,6 @@ CASES = {
 GOAL_S = 1.0
 
 
-def _cpu_name() -> str:
-    from vcc.core.sysinfo import cpu_model  # no torch import
-
-    return cpu_model()
-
-
 def time_case(args: list[str], runs: int) -> dict[str, float]:
     """Median and min wall seconds of `python *args` over `runs` fresh subprocesses (after 1 warm-up)."""
     env = {**os.environ, "COLUMNS": "100"}
@@ -60,8 +54,10 @@ def main() -> None:
     runs = args.runs or (3 if args.quick else 7)
     results = {name: time_case(cmd, runs) for name, cmd in CASES.items()}
     help_worst = max(results["vcc --help"]["median_s"], results["vcc macs --help"]["median_s"])
+    from vcc.core.sysinfo import cpu_model  # no torch import
+
     doc = {
-        "device": f"CPU: {_cpu_name()}, {os.cpu_count()} cores (load avg {os.getloadavg()[0]:.1f})",
+        "device": f"CPU: {cpu_model()}, {os.cpu_count()} cores (load avg {os.getloadavg()[0]:.1f})",
         "python": platform.python_version(),
         "help_median_s": help_worst,
         "goal_s": GOAL_S,

@@ -11,6 +11,7 @@ from torch import nn
 
 from vcc.core.artefact import ModelMeta, input_spec, load_model, save_model
 from vcc.core.errors import UsageError
+from vcc.core.macs import count_params
 from vcc.core.models import build_model, get_spec, list_models
 
 ARCHS = list_models()
@@ -22,10 +23,6 @@ SLOW_FORWARD = HEAVY | {"ir_csn_50", "ip_csn_50"}
 SMALL = {"lstm_e2e": (8, 32), "s3d": (8, 32), "c3d": (8, 32)}
 SMALL_OPTIONS = {"c3d": {"fc_dim": 256}, "cnn_lstm": {"backbone": "tiny"}}
 SEQUENCE_FAMILIES = {"cnn_lstm", "lstm_e2e"}
-
-
-def _n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _meta(arch: str, n: int, options: dict | None = None, frames: int = 8, size: int = 32) -> ModelMeta:
@@ -103,7 +100,7 @@ PUBLISHED = [
 def test_published_parameter_counts(arch: str, options: dict, classes: int, params: float) -> None:
     with torch.device("meta"):
         model = build_model(arch, classes, **options)
-    n = _n_params(model)
+    n = count_params(model)
     if isinstance(params, int):
         assert n == params
     else:
@@ -184,7 +181,7 @@ def test_mobilenetv2_width_mult() -> None:
         full, half = build_model("mobilenetv2_3d", 10), build_model("mobilenetv2_3d", 10, width_mult=0.5)
     assert full.features[0][0].out_channels == 32 and half.features[0][0].out_channels == 16
     assert half.features[17].conv[-2].out_channels == 160
-    assert _n_params(half) < _n_params(full)
+    assert count_params(half) < count_params(full)
     model = build_model("mobilenetv2_3d", 10, width_mult=0.25).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 8, 32, 32)).shape == (1, 10)
@@ -227,7 +224,7 @@ def test_cnn_lstm_backbones(backbone: str, size: int, dim: int) -> None:
 def test_cnn_lstm_defaults_are_cpu_sized() -> None:
     model = build_model("cnn_lstm", 10)
     assert model.backbone_name == "resnet18" and model.lstm.hidden_size == 128 and model.lstm.num_layers == 1
-    assert _n_params(model) < 12e6
+    assert count_params(model) < 12e6
 
 
 def test_cnn_lstm_frozen_backbone(tmp_path: Path) -> None:
