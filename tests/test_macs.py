@@ -16,20 +16,9 @@ from typer.testing import CliRunner
 from tests.conftest import run_vcc
 from vcc.cli import app
 from vcc.core.macs import count_macs
+from vcc.core.models import build_model, get_spec, list_models
 
 runner = CliRunner()
-
-
-def _video_model(arch: str) -> nn.Module:
-    """A zoo arch with 400 classes (torchvision's builder directly if the zoo lacks it)."""
-    from vcc.core.models import build_model, list_models
-
-    torch.manual_seed(0)
-    if arch in list_models():
-        return build_model(arch, num_classes=400)
-    from torchvision.models import video
-
-    return getattr(video, arch)(weights=None, num_classes=400)
 
 
 # ---------------------------------------------------------------- published figures
@@ -54,7 +43,7 @@ PUBLISHED = {
 )
 def test_published_figures_within_1_percent(arch: str) -> None:
     shape, gmacs, mparams = PUBLISHED[arch]
-    res = count_macs(_video_model(arch), shape, by_layer=True)
+    res = count_macs(build_model(arch, num_classes=400), shape, by_layer=True)
     assert res.macs / 1e9 == pytest.approx(gmacs, rel=0.01)
     assert res.params / 1e6 == pytest.approx(mparams, rel=0.01)
     assert res.uncounted == []
@@ -173,8 +162,6 @@ def test_packed_sequence_lstm_counts_real_steps() -> None:
 
 
 def test_zoo_recurrent_models_and_mode_restored() -> None:
-    from vcc.core.models import build_model
-
     model = build_model("lstm_e2e", num_classes=5, frame_size=8, hidden_size=16).train()
     res = count_macs(model, (3, 6, 16, 16))
     # 6 steps of an LSTM over 8x8 grey frames, plus the classifier.
@@ -201,8 +188,6 @@ def test_input_too_small_is_one_line_error() -> None:
 
 @pytest.mark.slow
 def test_every_registered_arch_is_fully_counted() -> None:
-    from vcc.core.models import build_model, get_spec, list_models
-
     for arch in list_models():
         size = max(get_spec(arch).size // 2, 32) if arch != "lstm_e2e" else 32
         res = count_macs(build_model(arch, num_classes=5), (3, 8, size, size), by_layer=False)
@@ -231,8 +216,6 @@ def test_cli_options_and_formats() -> None:
     res = runner.invoke(app, ["macs", "r3d_tiny", "--frames", "4", "--size", "16", "--num-classes", "7", "-f", "json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    from vcc.core.models import build_model
-
     expected = count_macs(build_model("r3d_tiny", num_classes=7), (3, 4, 16, 16), by_layer=False)
     assert doc["input"] == [3, 4, 16, 16] and doc["layers"] == []
     assert (doc["macs"], doc["params"]) == (expected.macs, expected.params)
@@ -269,7 +252,6 @@ def test_cli_bad_input() -> None:
 
 def test_cli_model_artefact_and_run_name(ws) -> None:
     from vcc.core.artefact import ModelMeta, input_spec, save_model
-    from vcc.core.models import build_model
 
     model = build_model("r3d_tiny", num_classes=3)
     meta = ModelMeta(arch="r3d_tiny", num_classes=3, classes=["a", "b", "c"], input=input_spec(6, 24))
@@ -297,7 +279,6 @@ def test_cli_model_artefact_and_run_name(ws) -> None:
 def test_cli_multi_exit_model_lists_exit_macs(ws) -> None:
     exits = pytest.importorskip("vcc.core.exits")
     from vcc.core.artefact import ModelMeta, input_spec, save_model
-    from vcc.core.models import build_model
 
     base = build_model("r3d_tiny", num_classes=3)
     meta = ModelMeta(arch="r3d_tiny", num_classes=3, input=input_spec(8, 32))
