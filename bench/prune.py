@@ -115,7 +115,7 @@ def main() -> None:
     timings["train_s"] = time.perf_counter() - t
     base, meta = load_model(base_path)
     base_macs, base_params = count_macs(base, meta)
-    base_eval = evaluate(base, meta, info, split="test", clips=args.eval_clips, device="cpu", workers=args.workers, latency_runs=1)
+    base_eval = evaluate(base, meta, info, split="test", clips=args.eval_clips, device="cpu", workers=args.workers, latency_runs=0)
     base.cpu()
 
     results: dict[str, dict] = {}
@@ -131,7 +131,7 @@ def main() -> None:
             out = prune_to_macs(base, meta, scores, args.target_macs, scope=args.scope, round_to=args.round_to)
             pm, macs, detail = out.model, out.macs, {"ratio": round(out.ratio, 4), "removed": out.removed}
         prune_s = time.perf_counter() - t
-        no_ft = evaluate(pm, meta, info, split="test", clips=args.eval_clips, device="cpu", workers=args.workers, latency_runs=1)
+        no_ft = evaluate(pm, meta, info, split="test", clips=args.eval_clips, device="cpu", workers=args.workers, latency_runs=0)
         pm.cpu()
         t = time.perf_counter()
         pmeta = meta.child()
@@ -139,7 +139,7 @@ def main() -> None:
                  ws.run_dir(f"ft-{method}", create=True))
         tuned, tmeta = load_model(ft.model_path)
         ft_s = time.perf_counter() - t
-        ev = evaluate(tuned, tmeta, info, split="test", clips=args.eval_clips, device="cpu", workers=args.workers, latency_runs=1)
+        ev = evaluate(tuned, tmeta, info, split="test", clips=args.eval_clips, device="cpu", workers=args.workers, latency_runs=0)
         tuned.cpu()
         save_model(ws.run_dir(f"ft-{method}") / "pruned.safetensors", tuned, tmeta)
         pruned_models[method] = tuned

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import vcc
-from vcc.core.errors import ArtefactError
+from vcc.core.errors import ArtefactError, first_line
 from vcc.core.workspace import atomic_path
 
 FORMAT_VERSION = 1
@@ -83,6 +83,15 @@ class ModelMeta:
     @property
     def size(self) -> int:
         return int(self.input.get("size", 112))
+
+    @property
+    def channels(self) -> int:
+        return int(self.input.get("channels", 3))
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of one clip."""
+        return (self.channels, self.frames, self.size, self.size)
 
     @property
     def mean(self) -> list[float]:
@@ -249,7 +258,7 @@ def read_doc(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise ArtefactError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from exc
+        raise ArtefactError(f"{path} is not a readable safetensors file ({first_line(exc)})") from exc
     if META_KEY not in meta:
         raise ArtefactError(f"{path} is a safetensors file but not a vcc artefact (no '{META_KEY}' metadata)")
     try:
@@ -273,13 +282,8 @@ def load_tensors(path: str | Path, expect_format: str | None = None) -> tuple[di
     try:
         tensors = load_file(str(path))
     except Exception as exc:
-        raise ArtefactError(f"{path} is truncated or corrupt ({_first_line(exc)})") from exc
+        raise ArtefactError(f"{path} is truncated or corrupt ({first_line(exc)})") from exc
     return tensors, doc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- model artefacts
@@ -314,7 +318,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except ArtefactError:
         raise
     except Exception as exc:
-        raise ArtefactError(f"{path}: cannot build arch {meta.arch!r} ({_first_line(exc)})") from exc
+        raise ArtefactError(f"{path}: cannot build arch {meta.arch!r} ({first_line(exc)})") from exc
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -336,11 +340,11 @@ def import_weights(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise ArtefactError(f"{path}: unreadable safetensors ({_first_line(exc)})") from exc
+            raise ArtefactError(f"{path}: unreadable safetensors ({first_line(exc)})") from exc
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ArtefactError(f"{path}: cannot load with weights_only=True ({_first_line(exc)})") from exc
+        raise ArtefactError(f"{path}: cannot load with weights_only=True ({first_line(exc)})") from exc
     for key in ("state_dict", "model", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

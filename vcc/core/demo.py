@@ -18,9 +18,9 @@ from typing import Any
 from torch import nn
 
 from vcc.core.artefact import ModelMeta, load_model, provenance, save_model
+from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_dir
 
-Progress = Callable[[str, int, "int | None", "dict | None"], None] | None
 Log = Callable[[str], None] | None
 
 
@@ -58,7 +58,7 @@ class DemoResult:
     wise: dict[str, Any] = field(default_factory=dict)
 
 
-def _measure(model: nn.Module, meta: ModelMeta, info: Any, plan: DemoPlan, progress: Progress) -> dict[str, Any]:
+def _measure(model: nn.Module, meta: ModelMeta, info: Any, plan: DemoPlan, progress: ProgressFn | None) -> dict[str, Any]:
     """params, MACs, CPU latency (batch 1) and video top-1 of a model on the test split."""
     from vcc.core.evaluate import summarise_model
 
@@ -67,7 +67,7 @@ def _measure(model: nn.Module, meta: ModelMeta, info: Any, plan: DemoPlan, progr
 
 
 def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device: str = "cpu",
-             progress: Progress = None, log: Log = None) -> DemoResult:
+             progress: ProgressFn | None = None, log: Log = None) -> DemoResult:
     """Run the whole pipeline in `ws`; returns the summary rows (see module docstring)."""
     from vcc.core import train_run
     from vcc.core.compress.port import port_model

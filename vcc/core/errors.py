@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name if the message is empty), cut at `limit`."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text[:limit] if limit else text
+
+
 class VccError(Exception):
     """An expected failure: bad input, missing file, unreachable target. Printed as one line."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from vcc.core.artefact import ModelMeta
 from vcc.core.errors import VccError
+from vcc.core.progress import ProgressFn
 from vcc.core.training import (
     amp_dtype,
     autocast,
@@ -26,8 +27,6 @@ from vcc.core.training import (
     prepare_input,
     resolve_device,
 )
-
-ProgressFn = Callable[[str, int, "int | None", dict], None]
 
 
 def _sync(device: torch.device) -> None:
@@ -151,7 +150,7 @@ def measure_latency(model: nn.Module, meta: ModelMeta, device: str | torch.devic
     device = resolve_device(device)
     was_training = model.training
     model.eval()
-    x = torch.randn(batch, int(meta.input.get("channels", 3)), meta.frames, meta.size, meta.size, device=device)
+    x = torch.randn(batch, *meta.input_shape, device=device)
     timed = inference_form(model, x) if fold_bn else model
     times = []
     with torch.inference_mode():
@@ -246,7 +245,7 @@ def summarise_model(
     """One before/after row: params, MACs, CPU latency at batch 1 and, with `data`, test video/clip top-1."""
     from vcc.core.macs import count_macs
 
-    counted = count_macs(model, (int(meta.input.get("channels", 3)), meta.frames, meta.size, meta.size), by_layer=False)
+    counted = count_macs(model, meta.input_shape, by_layer=False)
     doc: dict[str, Any] = {"params": int(counted.params), "macs": int(counted.macs)}
     model = model.cpu().eval()
     doc["latency_ms"] = round(measure_latency(model, meta, "cpu", batch=1, warmup=min(5, latency_runs), runs=latency_runs), 3)

@@ -31,9 +31,9 @@ from torch import nn
 from vcc.core.artefact import ModelMeta, load_model
 from vcc.core.errors import UsageError, VccError
 from vcc.core.models.registry import register_wrapper
+from vcc.core.progress import ProgressFn
 from vcc.core.workspace import atomic_path
 
-Progress = Callable[[str, int, "int | None", dict], None] | None
 WRAPPER = "exits"
 KD_MODES = ("ce", "progressive", "anti-progressive")
 POOLS = ("avg", "max")
@@ -234,8 +234,7 @@ def resolve_stages(model: nn.Module, exits: str | Sequence[str] = "auto") -> lis
 
 
 def _probe_input(meta: ModelMeta, batch: int = 1) -> torch.Tensor:
-    channels = int(meta.input.get("channels", 3))
-    return torch.randn(batch, channels, meta.frames, meta.size, meta.size)
+    return torch.randn(batch, *meta.input_shape)
 
 
 def _probe_stages(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, tuple[int, int]]:
@@ -309,11 +308,10 @@ def exit_macs_and_backbone(model: nn.Module, meta: ModelMeta) -> tuple[list[dict
     if not isinstance(model, MultiExit):
         raise UsageError("exit_macs needs a multi-exit model")
     backbone = model.backbone
-    input_shape = (int(meta.input.get("channels", 3)), meta.frames, meta.size, meta.size)
     was_training = backbone.training
     backbone.eval()
     try:
-        total, per_leaf = _leaf_macs(backbone, input_shape)
+        total, per_leaf = _leaf_macs(backbone, meta.input_shape)
         # Which leaves have finished when each stage finishes.
         modules = dict(backbone.named_modules())
         done: list[str] = []
@@ -333,7 +331,7 @@ def exit_macs_and_backbone(model: nn.Module, meta: ModelMeta) -> tuple[list[dict
         device = next(iter(backbone.parameters())).device
         try:
             with torch.no_grad():
-                backbone(torch.zeros(1, *input_shape, device=device))
+                backbone(torch.zeros(1, *meta.input_shape, device=device))
         finally:
             for h in handles:
                 h.remove()
@@ -448,7 +446,7 @@ def exit_criterion(
 
 
 @torch.no_grad()
-def collect_exit_logits(model: MultiExit, loader: Any, device: torch.device, meta: ModelMeta, progress: Progress = None, task: str = "exit logits") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collect_exit_logits(model: MultiExit, loader: Any, device: torch.device, meta: ModelMeta, progress: ProgressFn | None = None, task: str = "exit logits") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every exit's logits over a loader: (logits (E, clips, C) float32 CPU, labels, video_idx)."""
     from vcc.core.training import prepare_input
 
@@ -484,7 +482,7 @@ def train_exits(
     teachers: Sequence[str | Path] | None = None,
     kd_epochs: Sequence[int] | None = None,
     kd_temperature: float = 4.0,
-    progress: Progress = None,
+    progress: ProgressFn | None = None,
 ) -> Any:
     """Train ICs on the frozen backbone of `init_path`; the result is one multi-exit artefact.
 
@@ -603,7 +601,7 @@ def evaluate_early_exit(
     split: str = "test",
     clips: int = 1,
     device: str | torch.device = "cpu",
-    progress: Progress = None,
+    progress: ProgressFn | None = None,
     combine: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Run the early-exit runtime one clip at a time (batch 1) and measure what it saves.

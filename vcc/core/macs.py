@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vcc.core.errors import VccError
+from vcc.core.errors import VccError, first_line
 
 # Ops that do no multiply-accumulate work (elementwise, pooling, normalisation, data movement,
 # randomness). fvcore already ignores shape/copy ops; this list covers the rest the zoo hits.
@@ -278,8 +278,7 @@ def count_macs(model: nn.Module, input_shape: Sequence[int] = (3, 16, 112, 112),
             unsupported = fa.unsupported_ops()
             per_module = fa.by_module() if by_layer else None
     except (RuntimeError, ValueError, IndexError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise VccError(f"cannot run {type(model).__name__} on input {list(shape)}: {first[:200]}") from exc
+        raise VccError(f"cannot run {type(model).__name__} on input {list(shape)}: {first_line(exc, 200)}") from exc
     finally:
         for m, training in modes.items():
             m.train(training)
@@ -354,8 +353,7 @@ def resolve_target(spec: str, ws: Any, num_classes: int | None = None) -> MacsTa
 
     path = ws.resolve_model(spec) if ws is not None else Path(spec)
     model, meta = load_model(path)
-    channels = int(meta.input.get("channels", 3))
-    return MacsTarget(label=spec, model=model, frames=meta.frames, size=meta.size, channels=channels, meta=meta)
+    return MacsTarget(label=spec, model=model, frames=meta.frames, size=meta.size, channels=meta.channels, meta=meta)
 
 
 def exit_macs_for(target: MacsTarget, frames: int, size: int) -> list[dict[str, Any]] | None:

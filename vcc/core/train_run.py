@@ -24,7 +24,8 @@ from vcc.core.artefact import (
     read_doc,
 )
 from vcc.core.errors import UsageError, VccError
-from vcc.core.training import FitResult, ProgressFn, TrainConfig, check_classes, fit
+from vcc.core.progress import ProgressFn
+from vcc.core.training import FitResult, TrainConfig, check_classes, fit
 from vcc.core.workspace import Workspace, atomic_write_json
 
 RUN_FILE = "run.json"

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vcc.core.artefact import ModelMeta, input_spec, provenance, save_model
-from vcc.core.errors import UsageError, VccError
+from vcc.core.errors import UsageError, VccError, first_line
+from vcc.core.progress import ProgressFn
 from vcc.core.workspace import atomic_path, atomic_write_json, atomic_write_text
 
-ProgressFn = Callable[[str, int, "int | None", dict], None]
 Criterion = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], "tuple[torch.Tensor, Any]"]
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -676,7 +676,7 @@ def _restore(path: Path, raw: nn.Module, optimizer: Any, scheduler: Any, scaler:
         raw.load_state_dict(parts["model"], strict=True)
         optimizer.load_state_dict(parts["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise VccError(f"{path}: checkpoint does not fit this model/optimizer ({str(exc).splitlines()[0][:200]})") from exc
+        raise VccError(f"{path}: checkpoint does not fit this model/optimizer ({first_line(exc, 200)})") from exc
     scheduler.load_state_dict(parts["scheduler"])
     scaler.load_state_dict(parts["scaler"])
     gen = getattr(loader, "generator", None)

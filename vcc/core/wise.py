@@ -9,7 +9,7 @@ and is charged the cumulative MACs of everything it ran (see :func:`vcc.core.exi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from vcc.core.errors import UsageError, VccError
+from vcc.core.progress import ProgressFn
 
-Progress = Callable[[str, int, "int | None", dict], None] | None
 METHODS = ("wise", "vanilla", "constant")
 LOGITS_FORMAT = "vcc-logits"
 
@@ -77,7 +77,7 @@ def fit_wise(
     iters: int = 3000,
     lr: float = 0.01,
     momentum: float = 0.9,
-    progress: Progress = None,
+    progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """Learn WISE weights beta (E, E), lower triangular, non-negative, from training logits.
 
@@ -97,7 +97,7 @@ def fit_wise(
         torch.set_num_threads(threads)
 
 
-def _fit_wise(logits: torch.Tensor, labels: torch.Tensor, n_exits: int, lam: float, iters: int, lr: float, momentum: float, progress: Progress) -> torch.Tensor:
+def _fit_wise(logits: torch.Tensor, labels: torch.Tensor, n_exits: int, lam: float, iters: int, lr: float, momentum: float, progress: ProgressFn | None) -> torch.Tensor:
     x = logits.detach().double()
     y = labels.long()
     mask = _mask(n_exits).double()
@@ -181,7 +181,7 @@ def run_wise(
     batch_size: int = 8,
     device: str = "auto",
     workers: int = 0,
-    progress: Progress = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Save per-exit logits (train, test), fit WISE, sweep thresholds, write CSV/JSON/PNG in `run_dir`.
 

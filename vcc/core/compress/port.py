@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vcc.core.compress.prune import clone
-from vcc.core.errors import VccError
+from vcc.core.errors import VccError, first_line
 
 TOLERANCE = 1e-4
 
@@ -25,7 +25,7 @@ TOLERANCE = 1e-4
 def max_abs_diff(a: nn.Module, b: nn.Module, meta: Any, batch: int = 1, seed: int = 0) -> float:
     """Largest |a(x) - b(x)| over a random batch at the model's input spec (eval mode, fp32)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, meta.frames, meta.size, meta.size, generator=g)
+    x = torch.randn(batch, *meta.input_shape, generator=g)
     with torch.no_grad():
         ya, yb = a.eval()(x), b.eval()(x)
     if isinstance(ya, (list, tuple)):
@@ -154,7 +154,7 @@ def export_onnx(model: nn.Module, meta: Any, path: str | Path) -> dict[str, Any]
     from vcc.core.workspace import atomic_path
 
     path = Path(path)
-    x = torch.randn(1, 3, meta.frames, meta.size, meta.size)
+    x = torch.randn(1, *meta.input_shape)
     model = model.cpu().eval()
     with atomic_path(path) as tmp:
         try:
@@ -167,7 +167,6 @@ def export_onnx(model: nn.Module, meta: Any, path: str | Path) -> dict[str, Any]
         except VccError:
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise VccError(f"ONNX export failed: {first[:300]}") from exc
+            raise VccError(f"ONNX export failed: {first_line(exc, 300)}") from exc
     return {"path": str(path), "bytes": path.stat().st_size, "opset": 17, "checked": True,
             "nodes": len(proto.graph.node)}

@@ -17,16 +17,14 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from vcc.core.errors import UsageError, VccError
-
-Progress = Callable[[str, int, "int | None", dict], None] | None
+from vcc.core.errors import UsageError, VccError, first_line
+from vcc.core.progress import ProgressFn
 
 METHODS = ("taylor", "l1", "l2", "oracle")
 
@@ -139,7 +137,7 @@ class Surgeon:
                     )
         except Exception as exc:
             _restore_shortcuts(model)
-            raise VccError(f"the dependency graph cannot trace {type(model).__name__}: {_line(exc)}") from exc
+            raise VccError(f"the dependency graph cannot trace {type(model).__name__}: {first_line(exc, 300)}") from exc
         finally:
             model.train(was_training)
         self._fix_shortcut_concats()
@@ -318,7 +316,7 @@ class Surgeon:
                 except VccError:
                     raise
                 except Exception as exc:
-                    raise VccError(f"cannot prune layer {g.root}: {_line(exc)}") from exc
+                    raise VccError(f"cannot prune layer {g.root}: {first_line(exc, 300)}") from exc
         finally:
             self.finish()
 
@@ -329,11 +327,6 @@ class Surgeon:
 
 def _out_channels(m: nn.Module) -> int:
     return int(m.out_channels if _is_conv(m) else m.out_features)
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- helpers on models
@@ -350,7 +343,7 @@ def clone(model: nn.Module) -> nn.Module:
 
 def example_input(meta: Any, batch: int = 1) -> torch.Tensor:
     """A random input of the model's recorded input spec."""
-    return torch.randn(batch, 3, meta.frames, meta.size, meta.size)
+    return torch.randn(batch, *meta.input_shape)
 
 
 def check_prunable(meta: Any) -> None:
@@ -379,7 +372,7 @@ def count_macs(model: nn.Module, meta: Any) -> tuple[int, int]:
     """(MACs, params) at the model's input spec, via vcc.core.macs.count_macs."""
     from vcc.core.macs import count_macs as _count
 
-    res = _count(model, input_shape=(3, meta.frames, meta.size, meta.size), by_layer=False)
+    res = _count(model, input_shape=meta.input_shape, by_layer=False)
     return int(res.macs), int(res.params)
 
 
@@ -525,7 +518,7 @@ def _check_forward(model: nn.Module, meta: Any) -> None:
         try:
             out = model.eval()(example_input(meta))
         except Exception as exc:
-            raise VccError(f"{meta.arch}: pruned model does not run ({_line(exc)})") from exc
+            raise VccError(f"{meta.arch}: pruned model does not run ({first_line(exc, 300)})") from exc
     if tuple(out.shape) != (1, meta.num_classes):
         raise VccError(f"{meta.arch}: pruned model outputs {tuple(out.shape)}, expected (1, {meta.num_classes})")
 
@@ -540,7 +533,7 @@ def group_sizes(model: nn.Module, meta: Any, ignore: list[str] | None = None) ->
 def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], target: float, *,
                   scope: str = "global", ignore: list[str] | None = None, base_macs: int | None = None,
                   ratio_of: dict[str, int] | None = None, round_to: int = 1, tol: float = 1e-3,
-                  progress: Progress = None) -> PruneOutcome:
+                  progress: ProgressFn | None = None) -> PruneOutcome:
     """Prune until MACs <= `target` x `base_macs` (default: the model's own MACs).
 
     The ratio is found by bisection on a MAC estimate computed from layer shapes (no surgery per
@@ -643,7 +636,7 @@ class PruneJob:
             raise UsageError(f"--round-to must be >= 1, got {self.round_to}")
 
 
-def summarise(model: nn.Module, meta: Any, data: Any, job: PruneJob, progress: Progress = None) -> dict[str, Any]:
+def summarise(model: nn.Module, meta: Any, data: Any, job: PruneJob, progress: ProgressFn | None = None) -> dict[str, Any]:
     """params, MACs, CPU latency at batch 1, (with data) accuracy, and non-zero params of a masked model."""
     from vcc.core.evaluate import summarise_model
 
@@ -657,7 +650,7 @@ def summarise(model: nn.Module, meta: Any, data: Any, job: PruneJob, progress: P
 
 
 def _finetune(model: nn.Module, meta: Any, data: Any, job: PruneJob, run_dir: Any, step: int,
-              progress: Progress) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
+              progress: ProgressFn | None) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
     import dataclasses
     import shutil
 
@@ -674,7 +667,7 @@ def _finetune(model: nn.Module, meta: Any, data: Any, job: PruneJob, run_dir: An
     return tuned, tuned_meta, hist
 
 
-def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, progress: Progress = None) -> dict[str, Any]:
+def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Load, (rank,) prune in `job.steps` AGP steps with optional finetuning, save `run_dir/model.safetensors`.
 
     Returns {"before", "after" (summaries), "steps" (per step), "model", "method", ...}.

@@ -7,7 +7,6 @@ the model's sha256 and per-layer channel counts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,11 @@ import torch
 from torch import nn
 
 from vcc.core.errors import ArtefactError, UsageError, VccError
+from vcc.core.progress import ProgressFn
 
 RANKING_FORMAT = "vcc-ranking"
 DATA_METHODS = ("taylor", "oracle")
 WEIGHT_METHODS = ("l1", "l2")
-ProgressFn = Callable[[str, int, "int | None", dict], None]
 
 
 def weight_scores(model: nn.Module, layers: list[str], p: int) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +9,7 @@ import torch
 from torch import nn
 
 from vcc.core.errors import UsageError
-
-ProgressFn = Callable[[str, int, "int | None", dict], None]
+from vcc.core.progress import ProgressFn
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -36,7 +34,7 @@ def sensitivity(model: nn.Module, meta: Any, data: Any, scores: dict[str, torch.
     from vcc.core.compress.prune import Surgeon, clone, count_macs, example_input, group_scores
     from vcc.core.evaluate import evaluate
 
-    base = evaluate(model, meta, data, split="test", clips=clips, device=device, latency_runs=1)
+    base = evaluate(model, meta, data, split="test", clips=clips, device=device, latency_runs=0)
     model.cpu()
     base_macs, _ = count_macs(model, meta)
     probe = Surgeon(clone(model).cpu(), example_input(meta), ignore)
@@ -55,7 +53,7 @@ def sensitivity(model: nn.Module, meta: Any, data: Any, scores: dict[str, torch.
             s = Surgeon(trial, example_input(meta), ignore)
             s.prune({gi: [g.channels[j] for j in order[:k]]} if k > 0 else {})
             macs, _ = count_macs(trial, meta)
-            res = evaluate(trial, meta, data, split="test", clips=clips, device=device, latency_runs=1)
+            res = evaluate(trial, meta, data, split="test", clips=clips, device=device, latency_runs=0)
             rows.append({"layer": g.root, "coupled": len(g.members), "channels": g.size, "ratio": r, "removed": k,
                          "macs": macs, "video_top1": res["video_top1"], "clip_top1": res["clip_top1"]})
             done += 1

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vcc.core.errors import UsageError, VccError
+from vcc.core.errors import UsageError, VccError, first_line
 from vcc.core.models.registry import register_wrapper
-
-Progress = Callable[[str, int, "int | None", dict], None]
+from vcc.core.progress import ProgressFn
 
 INIT_MU = 1.0
 INIT_LOGD = -9.0
@@ -534,7 +532,7 @@ def _port_cnn(model: nn.Module, meta) -> tuple[nn.Module, dict[str, Any]]:
     plain.eval()
     modules = dict(plain.named_modules())
     device = next(plain.parameters()).device
-    example = torch.zeros(1, int(meta.input.get("channels", 3)), meta.frames, meta.size, meta.size, device=device)
+    example = torch.zeros(1, *meta.input_shape, device=device)
     # the gate of a conv lives on its following BN; map both modules to the conv's kept mask
     cg: ChannelGates = model.vib_gates
     module_kept: dict[int, torch.Tensor] = {}
@@ -545,7 +543,7 @@ def _port_cnn(model: nn.Module, meta) -> tuple[nn.Module, dict[str, Any]]:
     try:
         dg = tp.DependencyGraph().build_dependency(plain, example_inputs=example, verbose=False)
     except Exception as exc:  # noqa: BLE001 - the tracer fails in many ways; report one line
-        raise VccError(f"VIB port: Torch-Pruning cannot trace {meta.arch!r} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        raise VccError(f"VIB port: Torch-Pruning cannot trace {meta.arch!r} ({first_line(exc)})") from exc
     plans: list[tuple[nn.Module, Any, list[int]]] = []
     for group in dg.get_all_groups(ignored_layers=classifiers, root_module_types=list(_CONV)):
         root_dep, root_idxs = group[0]
@@ -647,7 +645,7 @@ def prune_vib(
     kml_layer: dict[str, float] | None = None,
     finetune: bool = False,
     freeze_backbone: bool = False,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Train VIB gates jointly with the weights (or, with `finetune`, weights only under frozen masks).
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from vcc.core.data import sampling, transforms
 from vcc.core.data.manifest import DatasetInfo, VideoEntry
-from vcc.core.errors import UsageError, VccError
+from vcc.core.errors import UsageError, VccError, first_line
 
 log = logging.getLogger("vcc.data")
 MAX_RETRIES = 10
@@ -141,7 +141,7 @@ class ClipDataset(Dataset):
                     self._readers.pop(vid, None)
                 with self._failures.get_lock():
                     self._failures.value += 1
-                log.warning("cannot load %s (%s); using another video", self.entries[vid].path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                log.warning("cannot load %s (%s); using another video", self.entries[vid].path, first_line(exc))
                 # a deterministic replacement: another video, same clip/crop slot
                 step = (attempt + 1) * 7919 % max(1, len(self.entries)) or 1
                 cur = ((vid + step) % len(self.entries)) * per_video + cur % per_video

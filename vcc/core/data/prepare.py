@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from vcc.core.data.manifest import PrepareResult, VideoEntry, write_dataset
-from vcc.core.data.probe import ProbeCache, Progress, probe_many
+from vcc.core.data.probe import ProbeCache, probe_many
 from vcc.core.errors import UsageError, VccError
+from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_dir, check_name
 
 __all__ = [
@@ -132,7 +133,7 @@ def _build(
     options: dict[str, Any],
     min_frames: int,
     workers: int | None,
-    progress: Progress | None,
+    progress: ProgressFn | None,
     skipped: list[dict[str, str]] | None = None,
     split_auto: tuple[float, int] | None = None,
 ) -> PrepareResult:
@@ -206,7 +207,7 @@ def prepare_ucf101(
     name: str | None = None,
     min_frames: int = DEFAULT_MIN_FRAMES,
     workers: int | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """UCF101 from the archive (`UCF-101/<Class>/*.avi`) and the official `ucfTrainTestlist`."""
     _check_split(split, "UCF101")
@@ -266,7 +267,7 @@ def prepare_hmdb51(
     name: str | None = None,
     min_frames: int = DEFAULT_MIN_FRAMES,
     workers: int | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """HMDB51: `<root>/<class>/<name>.avi` and `<class>_test_split<N>.txt` lists (1 train, 2 test, 0 unused)."""
     _check_split(split, "HMDB51")
@@ -327,7 +328,7 @@ def prepare_ucf11(
     name: str | None = None,
     min_frames: int = DEFAULT_MIN_FRAMES,
     workers: int | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """UCF11 (`action_youtube_naudio/<class>/v_<short>_<GG>/v_<short>_<GG>_<CC>.avi`), split by group.
 
@@ -377,7 +378,7 @@ def prepare_folder(
     name: str | None = None,
     min_frames: int = DEFAULT_MIN_FRAMES,
     workers: int | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """Any `<root>/<class>/<video>` tree; `val_ratio` of each class (shuffled by `seed`) is the test split.
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vcc.core.errors import first_line
+from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_write_text
 
-Progress = Callable[[str, int, "int | None", dict], None]
 CACHE_NAME = ".probe-cache.json"
 CACHE_VERSION = 1
 
@@ -62,8 +62,7 @@ def probe_video(path: str | Path) -> Probe:
         fps = float(vr.get_avg_fps() or 0.0)
         return Probe(n_frames=n, fps=round(fps, 3), width=int(first[1]), height=int(first[0]))
     except Exception as exc:  # noqa: BLE001 - decord raises its own types for every kind of bad file
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return Probe(reason=f"undecodable: {msg[:160]}")
+        return Probe(reason=f"undecodable: {first_line(exc, 160)}")
 
 
 def _key(p: Path) -> str | None:
@@ -119,7 +118,7 @@ def probe_many(
     *,
     cache: ProbeCache | None = None,
     workers: int | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> list[Probe]:
     """Probe `paths` (results in the same order) with at most `workers` threads."""
     results: list[Probe | None] = [None] * len(paths)

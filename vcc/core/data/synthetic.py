@@ -15,7 +15,6 @@ Motion wraps around the frame edges (a torus), so any clip of any length keeps m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,8 @@ import numpy as np
 
 from vcc.core.data.manifest import PrepareResult, VideoEntry, load_dataset, write_dataset
 from vcc.core.errors import UsageError
+from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_dir
-
-Progress = Callable[[str, int, "int | None", dict], None]
 
 # Class names in label order; `classes=N` takes the first N.
 MOTIONS = [
@@ -54,7 +52,7 @@ def prepare_synthetic(
     frames: int = DEFAULTS["frames"],
     size: int = DEFAULTS["size"],
     seed: int = DEFAULTS["seed"],
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> PrepareResult:
     """Generate `classes` x `videos_per_class` videos into ``datasets/<name>/`` (75/25 split).
 
