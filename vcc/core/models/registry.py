@@ -8,7 +8,7 @@ same call rebuilds the model. Nothing is downloaded: weights come only from user
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -25,7 +25,6 @@ class ModelSpec:
     family: str
     frames: int = 16
     size: int = 112
-    defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
 
@@ -33,13 +32,13 @@ _MODELS: dict[str, ModelSpec] = {}
 _WRAPPERS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_model(name: str, *, family: str, frames: int = 16, size: int = 112, description: str = "", **defaults: Any):
+def register_model(name: str, *, family: str, frames: int = 16, size: int = 112, description: str = ""):
     """Decorator: register `builder(num_classes, **options) -> nn.Module` under `name`."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = ModelSpec(name, fn, family, frames, size, dict(defaults), description or (fn.__doc__ or "").strip().split("\n")[0])
+        _MODELS[name] = ModelSpec(name, fn, family, frames, size, description or (fn.__doc__ or "").strip().split("\n")[0])
         return fn
 
     return deco
@@ -67,7 +66,7 @@ def get_spec(name: str) -> ModelSpec:
 def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
     """Build arch `name` with `num_classes` outputs and builder options (randomly initialised)."""
     spec = get_spec(name)
-    kwargs = _coerce_options(name, spec.builder, {**spec.defaults, **options})
+    kwargs = _coerce_options(name, spec.builder, options)
     try:
         return spec.builder(num_classes=num_classes, **kwargs)
     except TypeError as exc:
