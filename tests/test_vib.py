@@ -10,19 +10,35 @@ from torch import nn
 
 from vcc.core.artefact import ModelMeta, input_spec, load_model, save_model
 from vcc.core.compress import vib
-from vcc.core.models import build_model
+from vcc.core.models import build_model, get_spec, list_models
 
 ARCHS = {
     "cnn_lstm": {"backbone": "tiny", "hidden_size": 16},
     "lstm_e2e": {"frame_size": 8, "hidden_size": 12, "num_layers": 2},
     "r3d_tiny": {},
 }
+# CNNs whose channel coupling differs (shortcut A's zero padding, depthwise convs): the port must
+# stay exact on every one (it runs the same DepGraph surgery as `vcc prune`)
+CNN_PORTS = {"resnet3d_10": {"shortcut": "A", "base_width": 8}, "mobilenetv2_3d": {"width_mult": 0.25}}
+SLOW_PORT_OPTS = {"c3d": {"fc_dim": 64}, "resnet3d_18": {"base_width": 8}, "resnet3d_34": {"base_width": 8},
+                  "resnet3d_50": {"base_width": 8}, "resnet3d_101": {"base_width": 8}}
 
 
-def _gated(arch: str, seed: int = 0, randomise: bool = True) -> tuple[nn.Module, ModelMeta]:
+def _cnn_ports() -> list:
+    """Every CNN of the zoo: the two above in the default run, the rest under -m slow."""
+    out = []
+    for name in list_models():
+        if get_spec(name).family in ("cnn_lstm", "lstm_e2e") or name == "r3d_tiny":
+            continue
+        opts = CNN_PORTS.get(name, SLOW_PORT_OPTS.get(name, {}))
+        out.append(pytest.param(name, opts, id=name, marks=[] if name in CNN_PORTS else [pytest.mark.slow]))
+    return out
+
+
+def _gated(arch: str, seed: int = 0, randomise: bool = True, opts: dict | None = None) -> tuple[nn.Module, ModelMeta]:
     """A gated model whose gates keep some units and drop others, with non-trivial BN statistics."""
     torch.manual_seed(seed)
-    opts = ARCHS[arch]
+    opts = ARCHS[arch] if opts is None else opts
     model = build_model(arch, num_classes=4, **opts)
     meta = ModelMeta(arch=arch, num_classes=4, options=opts, classes=list("abcd"), input=input_spec(8, 32),
                      wrappers=[{"name": "vib", "options": {"threshold": 0.0}}])
@@ -160,6 +176,22 @@ def test_port_matches_gated_model_and_round_trips(arch: str, tmp_path) -> None:
         assert torch.equal(g2(x), ref)
         assert torch.equal(d2(x), out)
     assert sum(p.numel() for p in d2.parameters()) == info["params_after"]
+
+
+@pytest.mark.parametrize(("arch", "opts"), _cnn_ports())
+def test_cnn_port_is_exact_across_channel_couplings(arch: str, opts: dict) -> None:
+    x = torch.randn(2, 3, 8, 32, 32)
+    for seed in range(2):
+        model, meta = _gated(arch, seed=seed, opts=opts)
+        with torch.no_grad():
+            ref = model(x)
+        dense, _, info = vib.port_vib(model, meta)
+        with torch.no_grad():
+            assert (dense(x) - ref).abs().max() <= 1e-4, (arch, seed)
+        removed = sum(b - a for _, b, a, _ in info["channels"])
+        assert removed > 0 and info["params_after"] < info["params_before"]
+        # nothing a gate kept is removed: each conv keeps at least its kept channels
+        assert all(a >= k for _, _, a, k in info["channels"] if k is not None)
 
 
 def test_paper_lstm_count() -> None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vcc.core.errors import UsageError, VccError, first_line
+from vcc.core.errors import UsageError, VccError
 from vcc.core.models.registry import register_wrapper
 from vcc.core.progress import ProgressFn
 
@@ -524,53 +524,53 @@ def _fold_channel_gates(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Te
     return plain, kept
 
 
+def _dead_channels(group: Any, modules: dict[str, nn.Module], kept: dict[str, torch.Tensor]) -> list[int]:
+    """The root channels of a coupled channel group whose every producer outputs exactly zero.
+
+    A channel is dead when each conv coupled to it is gated and its gate dropped that channel,
+    and each batch norm on it has weight and bias 0 (the folded gate). Shortcut A's zero padding
+    is not a member, so padded channels follow the convs they are added to.
+    """
+    dead = []
+    for j, channel in enumerate(group.channels):
+        ok = True
+        for conv, idxs in group.members.items():
+            i = idxs[j]
+            mk = kept.get(conv)
+            if i >= 0 and (mk is None or bool(mk[i])):
+                ok = False
+                break
+        for bn_name, idxs in group.norms.items() if ok else ():
+            i, bn = idxs[j], modules[bn_name]
+            if i >= 0 and not (bn.affine and float(bn.weight.detach()[i]) == 0.0 and float(bn.bias.detach()[i]) == 0.0):
+                ok = False
+                break
+        if ok:
+            dead.append(channel)
+    if len(dead) >= group.size:
+        dead = dead[1:]  # keep one (all-zero) channel so shapes stay valid
+    return dead
+
+
 def _port_cnn(model: nn.Module, meta) -> tuple[nn.Module, dict[str, Any]]:
-    """Fold channel gates, then remove dead channels with Torch-Pruning's DepGraph."""
-    import torch_pruning as tp
+    """Fold channel gates, then remove dead channels with the pruning :class:`~vcc.core.compress.prune.Surgeon`.
+
+    Using the same surgery as `vcc prune` means every arch it handles (residual adds, shortcut A
+    padding, depthwise convs, concats) ports exactly.
+    """
+    from vcc.core.compress.prune import Surgeon, example_input
 
     plain, kept = _fold_channel_gates(model)
     plain.eval()
     modules = dict(plain.named_modules())
-    device = next(plain.parameters()).device
-    example = torch.zeros(1, *meta.input_shape, device=device)
-    # the gate of a conv lives on its following BN; map both modules to the conv's kept mask
-    cg: ChannelGates = model.vib_gates
-    module_kept: dict[int, torch.Tensor] = {}
-    for key, conv_name in cg.convs.items():
-        module_kept[id(modules[conv_name])] = kept[conv_name]
-        module_kept[id(modules[cg.targets[key]])] = kept[conv_name]
-    classifiers = [m for m in plain.modules() if isinstance(m, nn.Linear)]
-    try:
-        dg = tp.DependencyGraph().build_dependency(plain, example_inputs=example, verbose=False)
-    except Exception as exc:  # noqa: BLE001 - the tracer fails in many ways; report one line
-        raise VccError(f"VIB port: Torch-Pruning cannot trace {meta.arch!r} ({first_line(exc)})") from exc
-    plans: list[tuple[nn.Module, Any, list[int]]] = []
-    for group in dg.get_all_groups(ignored_layers=classifiers, root_module_types=list(_CONV)):
-        root_dep, root_idxs = group[0]
-        n_root = len(root_idxs)
-        removable = torch.ones(n_root, dtype=torch.bool)
-        for dep, idxs in group:
-            mod = dep.target.module
-            if not dg.is_out_channel_pruning_fn(dep.handler) and not isinstance(mod, _BN):
-                continue
-            mk = module_kept.get(id(mod))
-            if mk is None:
-                if isinstance(mod, (*_CONV, nn.Linear, *_BN)):
-                    removable[:] = False  # an ungated producer of these channels
-                continue
-            for pos, hi in enumerate(idxs):
-                idx, root = (hi.idx, hi.root_idx) if hasattr(hi, "root_idx") else (int(hi), pos)
-                if root < n_root and mk[idx]:
-                    removable[root] = False
-        rm = torch.nonzero(removable, as_tuple=False).flatten().tolist()
-        if len(rm) >= n_root:
-            rm = rm[1:]  # keep one (all-zero) channel so shapes stay valid
-        if rm:
-            plans.append((root_dep.target.module, root_dep.handler, rm))
     before = {n: m.out_channels for n, m in modules.items() if isinstance(m, _CONV)}
-    for mod, handler, rm in plans:
-        grp = dg.get_pruning_group(mod, handler, rm)
-        grp.prune()
+    device = next(plain.parameters()).device
+    try:
+        surgeon = Surgeon(plain, example_input(meta).to(device))
+    except VccError as exc:
+        raise VccError(f"VIB port: {exc}") from exc
+    removals = {gi: dead for gi, g in enumerate(surgeon.groups) if (dead := _dead_channels(g, modules, kept))}
+    surgeon.prune(removals)
     after = {n: m.out_channels for n, m in plain.named_modules() if isinstance(m, _CONV)}
     layers = [[n, before[n], after.get(n, before[n]), int(kept[n].sum()) if n in kept else None] for n in before]
     return plain, {"channels": layers}
