@@ -44,9 +44,11 @@ def predict(
     progress: ProgressFn | None = None,
     task: str = "eval",
     timing: dict[str, float] | None = None,
+    all_exits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run `model` over `loader`: (logits (clips, C) float32 CPU, labels (clips,), video_idx (clips,)).
 
+    With `all_exits` (a multi-exit model), logits are every exit's: (exits, clips, C).
     With `timing` (a dict), adds ``model_s`` (forward time, synchronised) and ``total_s``.
     """
     device = resolve_device(device)
@@ -67,7 +69,7 @@ def predict(
             _sync(device)
             t0 = time.perf_counter()
             with autocast(device, dtype):
-                out = final_logits(model(x))
+                out = torch.stack(model.forward_exits(x)) if all_exits else final_logits(model(x))
             _sync(device)
             model_s += time.perf_counter() - t0
             outs.append(out.float().cpu())
@@ -81,7 +83,7 @@ def predict(
         timing["total_s"] = time.perf_counter() - t_start
     if not outs:
         raise VccError("no clips to evaluate (empty split?)")
-    return torch.cat(outs), torch.cat(labels), torch.cat(vids)
+    return torch.cat(outs, 1 if all_exits else 0), torch.cat(labels), torch.cat(vids)
 
 
 def video_scores(logits: torch.Tensor, labels: torch.Tensor, video_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

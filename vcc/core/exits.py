@@ -445,30 +445,11 @@ def exit_criterion(
     return criterion
 
 
-@torch.no_grad()
 def collect_exit_logits(model: MultiExit, loader: Any, device: torch.device, meta: ModelMeta, progress: ProgressFn | None = None, task: str = "exit logits") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every exit's logits over a loader: (logits (E, clips, C) float32 CPU, labels, video_idx)."""
-    from vcc.core.training import prepare_input
+    from vcc.core.evaluate import predict
 
-    was_training = model.training
-    model.eval()
-    outs: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    vids: list[torch.Tensor] = []
-    total = len(loader) if hasattr(loader, "__len__") else None
-    try:
-        for i, (x, y, v) in enumerate(loader):
-            x = prepare_input(x, device, meta.mean, meta.std)
-            outs.append(torch.stack([o.float() for o in model.forward_exits(x)]).cpu())
-            labels.append(y.long().cpu())
-            vids.append(v.long().cpu())
-            if progress:
-                progress(task, i + 1, total, {})
-    finally:
-        model.train(was_training)
-    if not outs:
-        raise VccError("no clips to evaluate")
-    return torch.cat(outs, 1), torch.cat(labels), torch.cat(vids)
+    return predict(model, loader, device, meta, progress=progress, task=task, all_exits=True)
 
 
 def train_exits(
