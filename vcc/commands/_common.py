@@ -26,6 +26,20 @@ FormatOpt = Annotated[
 ]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Name of the artefact or run to create in the workspace.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="Loader worker processes (0: decode in the main process).")]
+
+# the training options `vcc train` and `vcc finetune` share (defaults stay per command)
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adamw or sgd (Nesterov momentum 0.9; try --lr 0.05).")]
+ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cosine, step (x0.1 every third of the epochs) or constant.")]
+WarmupOpt = Annotated[float, typer.Option("--warmup", help="Epochs of linear lr warm-up.")]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay (not on biases/norms).")]
+AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (bf16 where supported, else fp16).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA; first epoch slower).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (runs are reproducible on CPU).")]
+TeacherOpt = Annotated[str | None, typer.Option("--teacher", help="Distil from this model (vcc artefact or run), e.g. the unpruned one.")]
+KdTemperatureOpt = Annotated[float, typer.Option("--kd-temperature", help="KD softmax temperature T.")]
+KdAlphaOpt = Annotated[float, typer.Option("--kd-alpha", help="KD weight: (1-A)*CE + A*T^2*KL.")]
+MaxBatchesOpt = Annotated[int | None, typer.Option("--max-batches", hidden=True, help="Cap batches per epoch (smoke runs).")]
 
 
 class State:
@@ -157,3 +171,30 @@ def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
             raise UsageError(f"{what} expects NAME=VALUE, got {item!r}")
         out[key] = value
     return out
+
+
+def fit_report(res: Any, title: str, doc: dict[str, Any] | None = None) -> Report:
+    """The per-epoch table and JSON document of a finished `vcc train` / `vcc finetune` run."""
+    from vcc.core.report import Report, Table
+
+    fr = res.fit
+    best = fr.best or {}
+    out = {
+        "run": res.name, "run_dir": str(res.run_dir), "model": str(fr.model_path), "best": str(fr.best_path),
+        "last": str(fr.last_path), **(doc or {}), "epochs": len(fr.history), "best_epoch": best.get("epoch"),
+        "video_top1": best.get("val_video_top1"), "history": fr.history,
+    }
+    table = Table(["epoch", "train loss", "train acc", "val video top-1", "clips/s", "time s"], title=title)
+    for h in fr.history:
+        table.add(h.get("epoch"), h.get("train_loss"), h.get("train_acc"), h.get("val_video_top1"), h.get("clips_per_s"), h.get("time_s"))
+    notes = list(getattr(res, "notes", []) or [])
+    if best:
+        notes.append(f"best epoch {best.get('epoch')}: val video top-1 {best.get('val_video_top1')}; model: {fr.model_path}")
+    return Report(out, [table], notes)
+
+
+def interrupted(run: str | None) -> Exception:
+    """The one-line error (exit 130) for Ctrl-C during a run whose checkpoint is kept."""
+    from vcc.core.errors import VccError
+
+    return VccError(f"interrupted: the last checkpoint is kept; continue with `vcc train --resume {run or 'RUN'}`", exit_code=130)
