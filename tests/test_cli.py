@@ -27,3 +27,16 @@ def test_unknown_command_is_usage_error() -> None:
     res = run_vcc("frobnicate")
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
+
+
+def test_closed_stdout_pipe_is_quiet() -> None:
+    """`vcc ... | head`: the reader hangs up after some output; no traceback and no error line."""
+    import shlex
+    import subprocess
+    import sys
+
+    vcc = f"{shlex.quote(sys.executable)} -m vcc"
+    for cmd in ("--help", "train --help", "finetune --help"):
+        proc = subprocess.run(["bash", "-c", f"set -o pipefail; {vcc} {cmd} | head -40 > /dev/null"], capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in proc.stderr and "error:" not in proc.stderr, (cmd, proc.stderr)
+        assert proc.returncode in (0, 1), (cmd, proc.returncode)

@@ -31,6 +31,9 @@ class VccGroup(TyperGroup):
             raise
         except KeyboardInterrupt:
             _error("interrupted", 130)
+        except BrokenPipeError:
+            _closed_pipe()
+            raise typer.Exit(1) from None  # quietly, with click's own code for a closed pipe
         except Exception as exc:  # noqa: BLE001 - the one place every failure is reported
             from vcc.core.errors import VccError
 
@@ -46,6 +49,17 @@ class VccGroup(TyperGroup):
 
 def _is_cuda_oom(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
+def _closed_pipe() -> None:
+    """The reader of stdout went away (`vcc ... | head`): silence stdout so nothing else fails."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+    except (OSError, ValueError):
+        pass
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the process exits
 
 
 def _error(message: str, code: int) -> None:
@@ -101,7 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     if "--debug" in (argv if argv is not None else sys.argv[1:]):
         state.debug = True
-    app(args=argv, prog_name="vcc")
+    try:
+        app(args=argv, prog_name="vcc")
+    except BrokenPipeError:
+        _closed_pipe()
+        sys.exit(1)
 
 
 if __name__ == "__main__":
