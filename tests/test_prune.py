@@ -137,8 +137,10 @@ def test_target_macs_halves_macs_and_errors(tmp_path: Path) -> None:
     base, _ = count_macs(model, meta)
     out = prune_to_macs(model, meta, scores, 0.5)
     assert 0.4 * base < out.macs <= 0.5 * base
-    with pytest.raises(VccError, match="unreachable"):
+    with pytest.raises(VccError, match="unreachable.*keeping one channel per group"):
         prune_to_macs(model, meta, scores, 0.0001)
+    with pytest.raises(VccError, match=r"unreachable.*keeping 8 channels \(--round-to 8\) per group"):
+        prune_to_macs(model, meta, scores, 0.05, round_to=8)
     with pytest.raises(UsageError):
         prune_to_macs(model, meta, scores, 1.5)
 

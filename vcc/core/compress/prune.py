@@ -562,8 +562,9 @@ def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], 
     hi = 0.999
     if est(hi) > goal:
         probe.finish()
+        floor = "one channel" if round_to <= 1 else f"{round_to} channels (--round-to {round_to})"
         raise VccError(
-            f"MACs target {target:g} is unreachable for {meta.arch}: even keeping one channel per group leaves "
+            f"MACs target {target:g} is unreachable for {meta.arch}: even keeping {floor} per group leaves "
             f"{est(hi) / base_macs:.3f} of the MACs (the rest is in layers that cannot be pruned)"
         )
     lo = 0.0
