@@ -15,6 +15,7 @@ from vcc.core.artefact import (
     load_model,
     load_tensors,
     read_doc,
+    read_model_meta,
     save_model,
     save_tensors,
 )
@@ -102,6 +103,12 @@ def test_tensor_artefact_kind_checked(tmp_path: Path) -> None:
     with pytest.raises(ArtefactError, match="expected"):
         load_tensors(p, "vcc-model")
     assert read_doc(p)["format_version"] == 1
+    with pytest.raises(ArtefactError, match="'vcc-ranking' artefact, expected 'vcc-model'"):
+        read_model_meta(p)
+    meta = ModelMeta(arch="r3d_tiny", num_classes=3, options={"shortcut": "A"}, classes=list("abc"), input=input_spec(8, 32))
+    m = save_model(tmp_path / "m.safetensors", build_model("r3d_tiny", num_classes=3, shortcut="A"), meta)
+    got = read_model_meta(m)
+    assert (got.arch, got.classes, got.options, got.frames, got.size) == ("r3d_tiny", list("abc"), {"shortcut": "A"}, 8, 32)
 
 
 def test_atomic_writes_leave_nothing_on_failure(tmp_path: Path) -> None:

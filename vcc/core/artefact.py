@@ -272,6 +272,14 @@ def read_doc(path: str | Path) -> dict[str, Any]:
     return doc
 
 
+def read_model_meta(path: str | Path) -> ModelMeta:
+    """A model artefact's metadata (arch, classes, input spec...) without loading its weights."""
+    doc = read_doc(path)
+    if doc["format"] != MODEL_FORMAT:
+        raise ArtefactError(f"{path} is a {doc['format']!r} artefact, expected {MODEL_FORMAT!r}")
+    return ModelMeta.from_json(doc)
+
+
 def load_tensors(path: str | Path, expect_format: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and JSON document of an artefact; checks its format when `expect_format` is given."""
     from safetensors.torch import load_file

@@ -22,6 +22,7 @@ from vcc.core.artefact import (
     input_spec,
     load_model,
     read_doc,
+    read_model_meta,
 )
 from vcc.core.errors import UsageError, VccError
 from vcc.core.progress import ProgressFn
@@ -229,14 +230,13 @@ def resume(ws: Workspace, run: str, *, overrides: dict[str, Any] | None = None, 
     if cfg.epochs < int(doc["epoch"]):
         raise UsageError(f"--epochs {cfg.epochs} is fewer than the {doc['epoch']} epochs run {run!r} already did")
     meta = ModelMeta.from_json(doc["meta"])
-    model = build_from_meta(meta, parts["model"])
-    model.load_state_dict(parts["model"], strict=True)
+    model = build_from_meta(meta, parts["model"])  # the structure (pruned shapes); fit restores the weights
     info = load_dataset(spec["data"])
     teacher, _ = _load_teacher(ws, spec.get("teacher"), list(info.classes))
     spec["config"] = cfg.to_json()
     if _rank() == 0:
         atomic_write_json(run_file, spec)
-    res = fit(model, meta, info, cfg, run_dir, teacher=teacher, resume=True, progress=progress)
+    res = fit(model, meta, info, cfg, run_dir, teacher=teacher, resume=True, checkpoint=(parts, doc), progress=progress)
     return RunResult(run, run_dir, res, [f"resumed after epoch {doc['epoch']}"])
 
 
@@ -261,7 +261,7 @@ def train_exits_run(
 
     info = _dataset(ws, data)
     init_path = ws.resolve_model(init)
-    _, imeta = load_model(init_path)
+    imeta = read_model_meta(init_path)  # the weights are loaded once, by train_exits
     check_classes(imeta, list(info.classes), model_name=f"model {init!r}", data_name=f"dataset {info.name!r}")
     teacher_paths = [str(ws.resolve_model(t)) for t in teachers]
     stem = init_path.parent.name if init_path.name == "model.safetensors" else init_path.stem

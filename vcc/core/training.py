@@ -410,6 +410,7 @@ def fit(
     teacher: nn.Module | None = None,
     epoch_hook: Callable[[int, nn.Module], dict[str, Any]] | None = None,
     resume: bool = False,
+    checkpoint: tuple[dict[str, Any], dict[str, Any]] | None = None,
     progress: ProgressFn | None = None,
 ) -> FitResult:
     """Train `model` on `data` (DatasetInfo, dataset folder or :class:`Loaders`) into `run_dir`.
@@ -418,8 +419,8 @@ def fit(
     `param_groups` replaces the default single trainable group (e.g. a separate gate lr);
     `epoch_hook(epoch, model) -> dict` adds metrics to each epoch's record. Parameters with
     ``requires_grad=False`` stay frozen; buffers (masks) are never trained. With `resume=True`
-    training continues from ``run_dir/checkpoint.safetensors``. KeyboardInterrupt saves a
-    resumable checkpoint, then propagates.
+    training continues from ``run_dir/checkpoint.safetensors`` (or from `checkpoint`, its
+    already-loaded ``(parts, doc)``). KeyboardInterrupt saves a resumable checkpoint, then propagates.
     """
     cfg.validate()
     run_dir = Path(run_dir)
@@ -429,7 +430,7 @@ def fit(
             device = torch.device("cuda", dd.local_rank)
         else:
             device = resolve_device(cfg.device)
-        return _fit(model, meta, data, cfg, run_dir, device, dd, criterion, param_groups, teacher, epoch_hook, resume, progress)
+        return _fit(model, meta, data, cfg, run_dir, device, dd, criterion, param_groups, teacher, epoch_hook, resume, checkpoint, progress)
     finally:
         if dd.created:
             import torch.distributed as dist
@@ -450,6 +451,7 @@ def _fit(
     teacher: nn.Module | None,
     epoch_hook: Callable[[int, nn.Module], dict[str, Any]] | None,
     resume: bool,
+    checkpoint: tuple[dict[str, Any], dict[str, Any]] | None,
     progress: ProgressFn | None,
 ) -> FitResult:
     from vcc.core.evaluate import predict, video_accuracy
@@ -486,7 +488,7 @@ def _fit(
     start_epoch = 0
     ckpt_path = run_dir / "checkpoint.safetensors"
     if resume:
-        start_epoch, history, best = _restore(ckpt_path, raw, optimizer, scheduler, scaler, loaders.train, steps_per_epoch)
+        start_epoch, history, best = _restore(ckpt_path, raw, optimizer, scheduler, scaler, loaders.train, steps_per_epoch, checkpoint)
         if report:
             report("resume", start_epoch, cfg.epochs, {"from epoch": start_epoch})
 
@@ -666,12 +668,15 @@ def read_checkpoint_doc(run_dir: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _restore(path: Path, raw: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, loader: Any, steps_per_epoch: int) -> tuple[int, list, dict]:
+def _restore(path: Path, raw: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, loader: Any, steps_per_epoch: int,
+             checkpoint: tuple[dict[str, Any], dict[str, Any]] | None = None) -> tuple[int, list, dict]:
     from vcc.core.train_state import load_checkpoint, set_rng_state
 
-    if not path.is_file():
-        raise VccError(f"no checkpoint to resume: {path} does not exist")
-    parts, doc = load_checkpoint(path)
+    if checkpoint is None:
+        if not path.is_file():
+            raise VccError(f"no checkpoint to resume: {path} does not exist")
+        checkpoint = load_checkpoint(path)
+    parts, doc = checkpoint
     try:
         raw.load_state_dict(parts["model"], strict=True)
         optimizer.load_state_dict(parts["optimizer"])
