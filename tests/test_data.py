@@ -179,6 +179,24 @@ def test_real_clips_decode_time_resize(tmp_path: Path, ws) -> None:
     assert float(x.float().std()) > 10  # real picture content, not padding
 
 
+def test_three_crops_share_one_decode_and_match_single_crops(tmp_path: Path, ws) -> None:
+    """The crops of a clip reuse its decoded frames: each equals the crop cut from a fresh decode."""
+    from vcc.core.data.prepare import prepare_folder
+
+    root = tmp_path / "real" / "avi"
+    root.mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(SHARED_VIDEOS / "test.avi", root / f"v{i}.avi")
+    info = load_dataset(prepare_folder(ws, root.parent, val_ratio=0.0, name="crops").path)
+    three = make_loader(info, "train", train=False, frames=8, size=112, batch_size=5, clips=2, crops=3)
+    x3 = torch.cat([b[0] for b in _batches(three)]).view(2, 2, 3, 3, 8, 112, 112)  # video, clip, crop
+    one = make_loader(info, "train", train=False, frames=8, size=112, batch_size=4, clips=2, crops=1)
+    x1 = torch.cat([b[0] for b in _batches(one)]).view(2, 2, 3, 8, 112, 112)
+    assert torch.equal(x3[:, :, 1], x1)  # the middle of three crops is the single centre crop
+    assert not torch.equal(x3[:, :, 0], x3[:, :, 2])  # left and right crops of a 4:3 video differ
+    assert not torch.equal(x3[:, 0], x3[:, 1])  # and clips differ: the cache never mixes clips
+
+
 def test_decoder_scaling_and_resize_after_decode_agree(tmp_path: Path, ws, monkeypatch: pytest.MonkeyPatch) -> None:
     """Huge videos are scaled by decord while decoding, the rest resized after: same pictures."""
     from vcc.core.data import loader as loader_mod

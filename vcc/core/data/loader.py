@@ -7,7 +7,7 @@ Batches are ``(clips uint8 (N, 3, T, H, W), labels int64 (N,), video_idx int64 (
 * Training: one random clip of ``frames`` frames ``stride`` apart per video, a random crop of
   the short-side-resized video, a random horizontal flip; videos shuffled.
 * Testing: ``clips`` evenly spaced clips x ``crops`` (1 centre, 3 along the long side) per video,
-  in order.
+  in order; the crops of a clip are cut from one decode of its frames.
 * Readers open lazily inside each worker process (one decode thread each; kept open only while
   testing, as an open reader's decoder thread keeps working ahead). Only the frames a clip uses
   are resized (uint8, antialiased); decord's decode-time scaling, which scales every decoded
@@ -68,6 +68,7 @@ class ClipDataset(Dataset):
         self.short = transforms.scale_for(size)
         self._failures = multiprocessing.Value("i", 0)
         self._readers: OrderedDict[int, Any] | None = None  # per process, opened lazily
+        self._last_clip: tuple[Any, np.ndarray] | None = None  # test: the crops of one clip share its frames
 
     def __len__(self) -> int:
         return len(self.entries) * self.clips * self.crops
@@ -80,6 +81,7 @@ class ClipDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_readers"] = None  # never ship open readers to a worker
+        state["_last_clip"] = None
         return state
 
     def _reader(self, vid: int) -> Any:
@@ -117,9 +119,15 @@ class ClipDataset(Dataset):
             idx = sampling.train_indices(n, self.frames, self.stride, rng)
         else:
             idx = sampling.eval_indices(n, self.frames, self.stride, self.clips)[clip]
-        uniq, inverse = np.unique(idx, return_inverse=True)
-        frames = reader.get_batch([int(i) for i in uniq]).asnumpy()[inverse]
-        frames = transforms.fit_short_side(frames, self.short)
+        key = (vid, tuple(int(i) for i in idx))
+        if self._last_clip is not None and self._last_clip[0] == key:
+            frames = self._last_clip[1]  # another crop of the clip just decoded: no second decode
+        else:
+            uniq, inverse = np.unique(idx, return_inverse=True)
+            frames = reader.get_batch([int(i) for i in uniq]).asnumpy()[inverse]
+            frames = transforms.fit_short_side(frames, self.short)
+            if not self.train and self.crops > 1:
+                self._last_clip = (key, frames)
         h, w = frames.shape[1:3]
         if self.train:
             top, left = transforms.random_offset(h, w, self.size, rng)
