@@ -19,16 +19,21 @@ the two goals:
     weighted-sum cost (sum_k k*C MACs, 80 for 4 exits x 8 classes: a fraction of a video moving
     one exit later, so it only lets WISE's all-at-exit-1 point, beta_11 * logits_1, stand
     against vanilla's). Each budget is won, tied or lost; the goal is lost == 0 and won > 0.
+    Each loss (and win) also gets an exact McNemar test on the paired per-video correctness of
+    the two operating points (``lost_significantly_p_lt_0.05``): with 192 test videos one video
+    is 0.52 pt, so a loss by a few videos is not evidence that vanilla is better there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,21 +59,59 @@ def fine_thresholds() -> list[float]:
     return [*low, *high, 1.0]
 
 
-def compare_frontiers(doc: dict, num_classes: int) -> dict:
-    """WISE vs vanilla at every vanilla budget (see CRITERION)."""
-    from vcc.core.wise import frontier_accuracy
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant pairs (binomial, p = 1/2)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n)
 
+
+def _operating_points(doc: dict, method: str) -> list[tuple[float, float, Any]]:
+    """(average MACs, accuracy, per-video correctness tensor) of every threshold of `method`, from the saved test logits."""
+    from safetensors.torch import load_file
+
+    from vcc.core.wise import combine, constant_weights, exit_decisions, vanilla_weights
+
+    t = load_file(doc["files"]["logits"])
+    test, labels = t["test_logits"], t["test_labels"]
+    n = test.shape[0]
+    weights = {"wise": t["wise_weights"], "vanilla": vanilla_weights(n), "constant": constant_weights(n)}[method]
+    out = combine(test, weights)
+    preds = out.argmax(-1)
+    pts = []
+    for row in doc["methods"][method]:
+        idx = exit_decisions(out, row["threshold"])
+        correct = preds.gather(0, idx.view(1, -1))[0] == labels
+        pts.append((row["macs"], float(correct.float().mean()), correct))
+    return pts
+
+
+def compare_frontiers(doc: dict, num_classes: int) -> dict:
+    """WISE vs vanilla at every vanilla budget (see CRITERION), with McNemar's test on each loss."""
     n_exits = len(doc["exits"])
     slack = num_classes * n_exits * (n_exits + 1) // 2
+    pts = {m: _operating_points(doc, m) for m in ("vanilla", "wise")}
+
+    def best(method: str, budget: float):
+        ok = [p for p in pts[method] if p[0] <= budget * (1 + 1e-9)]
+        return max(ok, key=lambda p: p[1]) if ok else None
+
     rows = []
-    for b in sorted({r["macs"] for r in doc["methods"]["vanilla"]}):
-        v = frontier_accuracy(doc["methods"]["vanilla"], b)
-        w = frontier_accuracy(doc["methods"]["wise"], b + slack)
-        verdict = "lost" if w is None or w < v - 1e-9 else "won" if w > v + 1e-9 else "tied"
-        rows.append({"macs": b, "macs_fraction": round(b / doc["full"]["macs"], 4), "vanilla": v, "wise": w, "verdict": verdict})
+    for b in sorted({p[0] for p in pts["vanilla"]}):
+        v, w = best("vanilla", b), best("wise", b + slack)
+        verdict = "lost" if w is None or w[1] < v[1] - 1e-9 else "won" if w[1] > v[1] + 1e-9 else "tied"
+        row = {"macs": b, "macs_fraction": round(b / doc["full"]["macs"], 4), "vanilla": v[1], "wise": None if w is None else w[1], "verdict": verdict}
+        if w is not None and verdict != "tied":
+            only_v, only_w = int((v[2] & ~w[2]).sum()), int((w[2] & ~v[2]).sum())
+            row.update(videos_only_vanilla_right=only_v, videos_only_wise_right=only_w, mcnemar_p=round(mcnemar_p(only_v, only_w), 4))
+        rows.append(row)
     count = {k: sum(1 for r in rows if r["verdict"] == k) for k in ("won", "tied", "lost")}
+    lost = [r for r in rows if r["verdict"] == "lost"]
+    keys = ("macs_fraction", "vanilla", "wise", "videos_only_vanilla_right", "videos_only_wise_right", "mcnemar_p")
     return {"criterion": CRITERION, "slack_macs": slack, "budgets": len(rows), **count,
-            "lost_at": [{k: r[k] for k in ("macs_fraction", "vanilla", "wise")} for r in rows if r["verdict"] == "lost"], "rows": rows}
+            "lost_significantly_p_lt_0.05": sum(1 for r in lost if r.get("mcnemar_p", 0.0) < 0.05),
+            "lost_at": [{k: r[k] for k in keys if k in r} for r in lost], "rows": rows}
 
 
 def goals(doc: dict, num_classes: int) -> dict:
