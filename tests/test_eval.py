@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,21 @@ def test_eval_cli_json(ws, tiny_synthetic, tiny_model) -> None:
     csv = (tiny_model.parent / "tiny_model.confusion.csv").read_text().splitlines()
     assert csv[0].split(",")[1:] == ["up", "down", "sideways", "still"] and len(csv) == 5
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_confusion_falls_back_to_workspace(ws, tiny_synthetic, tiny_model, tmp_path) -> None:
+    """Where the model's folder refuses the confusion CSV, it goes to the workspace; the results survive."""
+    import shutil
+
+    model = tmp_path / "shared" / "m.safetensors"
+    model.parent.mkdir()
+    shutil.copy(tiny_model, model)
+    (model.parent / "m.confusion.csv").mkdir()  # the CSV's name is taken by a folder: the write fails
+    proc = run_vcc("eval", str(model), "--data", str(tiny_synthetic), "--clips", "1", "--device", "cpu", "-f", "json", check=True)
+    doc = json.loads(proc.stdout)
+    assert Path(doc["confusion_csv"]) == ws.root / "evals" / "m.confusion.csv"
+    assert Path(doc["confusion_csv"]).read_text().startswith("true\\pred,up,down")
+    assert sorted(f.name for f in model.parent.iterdir()) == ["m.confusion.csv", "m.safetensors"]  # no temp files left
 
 
 def test_eval_three_crops_matches_manual_aggregation(tiny_synthetic, tiny_model) -> None:

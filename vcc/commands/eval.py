@@ -59,11 +59,18 @@ def register(app: typer.Typer) -> None:
                 return
             res = evaluate(net, meta, info, split=split, clips=clips, crops=crops, batch_size=batch_size, device=dev,
                            workers=workers, progress=hook, amp=amp)
-        # confusion matrix beside the model (its run folder for run models)
-        cm_path = Path(path).with_name("confusion.csv" if path.name == "model.safetensors" else f"{path.stem}.confusion.csv")
+        # confusion matrix beside the model (its run folder for run models); where that folder
+        # cannot be written (a read-only share), in the workspace's evals/ folder instead
+        name = "confusion.csv" if path.name == "model.safetensors" else f"{path.stem}.confusion.csv"
         lines = ["true\\pred," + ",".join(info.classes)]
         lines += [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(info.classes, res["confusion"], strict=True)]
-        atomic_write_text(cm_path, "\n".join(lines) + "\n")
+        cm_path = Path(path).with_name(name)
+        try:
+            atomic_write_text(cm_path, "\n".join(lines) + "\n")
+        except OSError:
+            cm_path = ws.root / "evals" / (f"{path.parent.name}.{name}" if name == "confusion.csv" else name)
+            cm_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cm_path, "\n".join(lines) + "\n")
         res["confusion_csv"] = str(cm_path)
         res["model"] = str(path)
         res["dataset"] = info.name
