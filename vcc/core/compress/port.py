@@ -33,25 +33,35 @@ def max_abs_diff(a: nn.Module, b: nn.Module, meta: Any, batch: int = 1, seed: in
     return float((ya - yb).abs().max())
 
 
+def _zeroed_norm(bn: nn.Module, i: int) -> bool:
+    """Whether batch norm `bn` outputs exactly 0 on channel `i` whatever its input (weight and bias 0)."""
+    return bool(bn.affine) and float(bn.weight.detach()[i]) == 0.0 and float(bn.bias.detach()[i]) == 0.0
+
+
 def _zero_channels(model: nn.Module, group: Any) -> list[int]:
-    """Root channels of `group` whose filters (and biases) are zero in every coupled conv and whose
-    batch norms map zero to a value <= 0 (candidates; removal is then verified on outputs)."""
+    """Root channels of `group` that every producer leaves at zero (candidates; removal is then
+    verified on outputs). Either every coupled conv's filter (and bias) is zero and each batch norm
+    maps zero to a value <= 0 (a following ReLU zeroes it), or every batch norm on the channel has
+    weight and bias 0 and so outputs 0 whatever its conv computes (a folded VIB gate)."""
     mods = dict(model.named_modules())
     dead = []
     for j, ch in enumerate(group.channels):
+        norms = [(mods[bn], idxs[j]) for bn, idxs in group.norms.items() if idxs[j] >= 0]
+        if norms and all(_zeroed_norm(m, i) for m, i in norms):
+            if group.members:
+                dead.append(ch)
+            continue
         ok = bool(group.members)
         for conv, idxs in group.members.items():
             i = idxs[j]
             m = mods[conv]
             if i < 0:
                 continue
-            if bool(m.weight[i].detach().abs().max() > 0) or (m.bias is not None and float(m.bias[i].abs()) > 0):
+            if bool(m.weight[i].detach().abs().max() > 0) or (m.bias is not None and float(m.bias.detach()[i].abs()) > 0):
                 ok = False
                 break
-        for bn, idxs in group.norms.items():
-            i = idxs[j]
-            m = mods[bn]
-            if not ok or i < 0 or m.running_mean is None:
+        for m, i in norms if ok else ():
+            if m.running_mean is None:
                 continue
             # a zero input leaves BN's shift: removable only if it is <= 0 (a following ReLU zeroes it)
             scale = m.weight[i] if m.weight is not None else 1.0
@@ -60,17 +70,19 @@ def _zero_channels(model: nn.Module, group: Any) -> list[int]:
                 ok = False
         if ok:
             dead.append(ch)
+    if len(dead) >= group.size:
+        dead = dead[1:]  # keep one (all-zero) channel so shapes stay valid
     return dead
 
 
 def remove_dead_channels(model: nn.Module, meta: Any, tol: float = 1e-6) -> tuple[nn.Module, dict[str, int]]:
-    """A copy of `model` without the zero-filter channel groups whose removal is exact."""
+    """A CPU copy of `model` without the dead channels (see :func:`_zero_channels`) whose removal is
+    exact: outputs within `tol`. Used by the port of masked and of VIB-gated CNNs alike."""
     from vcc.core.compress.prune import Surgeon, example_input
 
     # the probe finds the candidates, then is pruned itself by the first attempt (its tracing is reused)
     probe = Surgeon(clone(model).cpu().eval(), example_input(meta))
-    candidates = {gi: _zero_channels(probe.model, g) for gi, g in enumerate(probe.groups)}
-    candidates = {gi: ch for gi, ch in candidates.items() if ch and len(ch) < probe.groups[gi].size}
+    candidates = {gi: ch for gi, g in enumerate(probe.groups) if (ch := _zero_channels(probe.model, g))}
     if not candidates:
         probe.finish()
         return probe.model, {}

@@ -524,53 +524,18 @@ def _fold_channel_gates(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Te
     return plain, kept
 
 
-def _dead_channels(group: Any, modules: dict[str, nn.Module], kept: dict[str, torch.Tensor]) -> list[int]:
-    """The root channels of a coupled channel group whose every producer outputs exactly zero.
-
-    A channel is dead when each conv coupled to it is gated and its gate dropped that channel,
-    and each batch norm on it has weight and bias 0 (the folded gate). Shortcut A's zero padding
-    is not a member, so padded channels follow the convs they are added to.
-    """
-    dead = []
-    for j, channel in enumerate(group.channels):
-        ok = True
-        for conv, idxs in group.members.items():
-            i = idxs[j]
-            mk = kept.get(conv)
-            if i >= 0 and (mk is None or bool(mk[i])):
-                ok = False
-                break
-        for bn_name, idxs in group.norms.items() if ok else ():
-            i, bn = idxs[j], modules[bn_name]
-            if i >= 0 and not (bn.affine and float(bn.weight.detach()[i]) == 0.0 and float(bn.bias.detach()[i]) == 0.0):
-                ok = False
-                break
-        if ok:
-            dead.append(channel)
-    if len(dead) >= group.size:
-        dead = dead[1:]  # keep one (all-zero) channel so shapes stay valid
-    return dead
-
-
 def _port_cnn(model: nn.Module, meta) -> tuple[nn.Module, dict[str, Any]]:
-    """Fold channel gates, then remove dead channels with the pruning :class:`~vcc.core.compress.prune.Surgeon`.
-
-    Using the same surgery as `vcc prune` means every arch it handles (residual adds, shortcut A
-    padding, depthwise convs, concats) ports exactly.
-    """
-    from vcc.core.compress.prune import Surgeon, example_input
+    """Fold channel gates, then remove the channels they zeroed as `vcc port` does for masks
+    (:func:`vcc.core.compress.port.remove_dead_channels`, on the pruning Surgeon): every arch it
+    handles (residual adds, shortcut A padding, depthwise convs, concats) ports exactly."""
+    from vcc.core.compress.port import TOLERANCE, remove_dead_channels
 
     plain, kept = _fold_channel_gates(model)
-    plain.eval()
-    modules = dict(plain.named_modules())
-    before = {n: m.out_channels for n, m in modules.items() if isinstance(m, _CONV)}
-    device = next(plain.parameters()).device
+    before = {n: m.out_channels for n, m in plain.named_modules() if isinstance(m, _CONV)}
     try:
-        surgeon = Surgeon(plain, example_input(meta).to(device))
+        plain, _ = remove_dead_channels(plain.eval(), meta, tol=TOLERANCE)
     except VccError as exc:
         raise VccError(f"VIB port: {exc}") from exc
-    removals = {gi: dead for gi, g in enumerate(surgeon.groups) if (dead := _dead_channels(g, modules, kept))}
-    surgeon.prune(removals)
     after = {n: m.out_channels for n, m in plain.named_modules() if isinstance(m, _CONV)}
     layers = [[n, before[n], after.get(n, before[n]), int(kept[n].sum()) if n in kept else None] for n in before]
     return plain, {"channels": layers}
