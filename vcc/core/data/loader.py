@@ -68,7 +68,7 @@ class ClipDataset(Dataset):
         self.short = transforms.scale_for(size)
         self._failures = multiprocessing.Value("i", 0)
         self._readers: OrderedDict[int, Any] | None = None  # per process, opened lazily
-        self._last_clip: tuple[Any, np.ndarray] | None = None  # test: the crops of one clip share its frames
+        self._last_clip: tuple[tuple[int, int], np.ndarray] | None = None  # test: the crops of one clip share its frames
 
     def __len__(self) -> int:
         return len(self.entries) * self.clips * self.crops
@@ -119,14 +119,14 @@ class ClipDataset(Dataset):
             idx = sampling.train_indices(n, self.frames, self.stride, rng)
         else:
             idx = sampling.eval_indices(n, self.frames, self.stride, self.clips)[clip]
-        key = (vid, tuple(int(i) for i in idx))
-        if self._last_clip is not None and self._last_clip[0] == key:
+        key = (vid, clip) if self.crops > 1 else None  # test clips are fixed by (video, clip)
+        if key is not None and self._last_clip is not None and self._last_clip[0] == key:
             frames = self._last_clip[1]  # another crop of the clip just decoded: no second decode
         else:
             uniq, inverse = np.unique(idx, return_inverse=True)
             frames = reader.get_batch([int(i) for i in uniq]).asnumpy()[inverse]
             frames = transforms.fit_short_side(frames, self.short)
-            if not self.train and self.crops > 1:
+            if key is not None:
                 self._last_clip = (key, frames)
         h, w = frames.shape[1:3]
         if self.train:
