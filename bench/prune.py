@@ -85,7 +85,7 @@ def main() -> None:
     from vcc.core.compress.rank import rank
     from vcc.core.data.manifest import load_dataset
     from vcc.core.data.synthetic import prepare_synthetic
-    from vcc.core.evaluate import evaluate, measure_latency
+    from vcc.core.evaluate import evaluate, inference_form, measure_latency
     from vcc.core.models import build_model
     from vcc.core.training import TrainConfig, fit
     from vcc.core.workspace import Workspace
@@ -152,14 +152,15 @@ def main() -> None:
 
     # latency: interleave unpruned and pruned measurements to share the machine's noise
     fold = not args.no_fold_bn
+    x = torch.randn(1, *meta.input_shape)
+    timed = {k: inference_form(m.cpu().eval(), x) if fold else m.cpu() for k, m in {"base": base, **pruned_models}.items()}  # folded once
     latency: dict[str, dict] = {}
     for th in [int(t) for t in args.latency_threads.split(",") if t.strip()]:
         torch.set_num_threads(th)
-        lat: dict[str, list[float]] = {"base": [], **{k: [] for k in pruned_models}}
+        lat: dict[str, list[float]] = {k: [] for k in timed}
         for _ in range(args.latency_rounds):
-            lat["base"].append(measure_latency(base.cpu(), meta, "cpu", batch=1, warmup=5, runs=args.latency_runs, fold_bn=fold))
-            for k, m in pruned_models.items():
-                lat[k].append(measure_latency(m.cpu(), meta, "cpu", batch=1, warmup=5, runs=args.latency_runs, fold_bn=fold))
+            for k, m in timed.items():
+                lat[k].append(measure_latency(m, meta, "cpu", batch=1, warmup=5, runs=args.latency_runs, fold_bn=False))
         med = {k: statistics.median(v) for k, v in lat.items()}
         latency[f"threads_{th}"] = {
             k: {"latency_ms": round(med[k], 3), "latency_min_ms": round(min(lat[k]), 3),

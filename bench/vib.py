@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--videos-per-class", type=int, default=None)
     args = ap.parse_args()
 
-    from vcc.core.artefact import ModelMeta, input_spec, load_model, save_model
+    from vcc.core.artefact import ModelMeta, input_spec, load_model, read_model_meta, save_model
     from vcc.core.compress.port import max_abs_diff
     from vcc.core.compress.vib import port_vib, prune_vib
     from vcc.core.data.manifest import load_dataset
@@ -197,7 +197,7 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.base:
         base_path = Path(args.base)
-        bmeta = load_model(base_path)[1]
+        bmeta = read_model_meta(base_path)
         opts, args.arch = bmeta.options, bmeta.arch
     else:
         base_dir = ws.run_dir("vib-base", create=True)
