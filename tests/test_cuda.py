@@ -78,3 +78,38 @@ def test_torchrun_nccl_two_ranks_agree(ws, tiny_synthetic, tmp_path) -> None:
     assert r0 == r1
     model, _ = load_model(doc["last"])
     assert weights_sha256(model) == r0.strip()
+
+
+def test_space_to_depth_stem_matches_on_cuda_amp_channels_last() -> None:
+    """The stem fit() runs on the CUDA AMP path: same outputs and weight gradient in bf16 channels_last."""
+    from torch import nn
+
+    from vcc.core.training import space_to_depth_stem
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(3, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False).cuda().to(memory_format=torch.channels_last_3d)
+    x = torch.randn(4, 3, 8, 112, 112, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(4, 64, 8, 56, 56, device="cuda")
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        conv.weight.grad = None
+        with torch.autocast("cuda", torch.bfloat16):
+            y = conv(x)
+        y.backward(g)
+        return y.float(), conv.weight.grad.clone()
+
+    y0, g0 = run()
+    undo = space_to_depth_stem(conv)
+    assert undo is not None
+    y1, g1 = run()
+    assert ((y1 - y0).norm() / y0.norm()).item() < 1e-2
+    assert ((g1 - g0).norm() / g0.norm()).item() < 1e-2
+
+
+def test_compiled_cuda_training_through_the_cli(ws, tiny_synthetic) -> None:
+    proc = run_vcc("train", "--data", str(tiny_synthetic), "--name", "gc", *FAST, "--device", "cuda", "--compile", "-f", "json", check=True)
+    doc = json.loads(proc.stdout)
+    model, _ = load_model(doc["model"])
+    assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+    ev = json.loads(run_vcc("eval", doc["model"], "--data", str(tiny_synthetic), "--device", "cuda", "-f", "json", check=True).stdout)
+    assert 0.0 <= ev["video_top1"] <= 1.0

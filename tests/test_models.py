@@ -314,3 +314,39 @@ def test_cnn_lstm_motion_feeds_feature_differences(tmp_path) -> None:
     path = save_model(tmp_path / "m.safetensors", model, meta)
     loaded, _ = load_model(path)
     assert torch.equal(model(moving), loaded(moving))
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in SLOW_FORWARD | SEQUENCE_FAMILIES])
+def test_space_to_depth_stem_is_the_same_function(arch: str) -> None:
+    """fit() runs the RGB stem space-to-depth on CUDA: outputs and every gradient must be unchanged (fp64)."""
+    from vcc.core.training import space_to_depth_stem
+
+    torch.manual_seed(0)
+    # Odd size: the stem's input needs a pad column of its own. s3d at 8 frames collapses time to one
+    # step and its batch norms amplify rounding ~1e10, so it gets 16.
+    frames, size = {"s3d": (16, 32), "c3d": (8, 32)}.get(arch, (8, 33))
+    model = build_model(arch, num_classes=3, **SMALL_OPTIONS.get(arch, {})).double().train()
+    x = torch.randn(2, 3, frames, size, size, dtype=torch.float64)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(1)  # dropout
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref, ref_grads = run()
+    undo = space_to_depth_stem(model)
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv3d) and m.in_channels == 3)
+    if arch in {"c3d"}:  # stride-1 stem: nothing to do
+        assert undo is None
+        return
+    assert undo is not None and "forward" in vars(stem)
+    out, grads = run()
+    assert torch.allclose(out, ref, atol=1e-10, rtol=1e-9)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert (g - r).norm().item() <= 1e-8 * r.norm().item() + 1e-12  # floor: gradients that are 0 up to rounding
+    undo()
+    assert "forward" not in vars(stem)
+    assert set(model.state_dict()) == set(build_model(arch, num_classes=3, **SMALL_OPTIONS.get(arch, {})).state_dict())
