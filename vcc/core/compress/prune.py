@@ -560,12 +560,13 @@ def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], 
         return other + probe.estimate_macs(plan(probe.groups, gscores, r, scope, base, round_to))
 
     hi = 0.999
-    if est(hi) > goal:
+    least = est(hi)
+    if least > goal:
         probe.finish()
         floor = "one channel" if round_to <= 1 else f"{round_to} channels (--round-to {round_to})"
         raise VccError(
             f"MACs target {target:g} is unreachable for {meta.arch}: even keeping {floor} per group leaves "
-            f"{est(hi) / base_macs:.3f} of the MACs (the rest is in layers that cannot be pruned)"
+            f"{least / base_macs:.3f} of the MACs (the rest is in layers that cannot be pruned)"
         )
     lo = 0.0
     while hi - lo > tol:
