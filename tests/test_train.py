@@ -76,6 +76,13 @@ def test_train_cli_writes_artefacts_and_metrics(ws, tiny_synthetic) -> None:
     ckpt = json.loads((run / "checkpoint.json").read_text())
     assert ckpt["epoch"] == 1 and ckpt["config"]["epochs"] == 1
     assert "Traceback" not in proc.stderr and "epoch 1/1" in proc.stderr
+    assert doc["selected_on"] == "test"  # the synthetic set has no other split to choose the best epoch on
+
+
+def test_train_table_says_the_best_epoch_was_chosen_on_test(ws, tiny_synthetic) -> None:
+    proc = run_vcc("train", "--data", str(tiny_synthetic), "--name", "t1", "--epochs", "1", "--workers", "0", "--max-batches", "1", check=True)
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert "chosen on the test split" in out and "t1:last is the unselected model" in out
 
 
 def test_resume_is_bit_exact(ws, tiny_synthetic) -> None:

@@ -182,7 +182,7 @@ def fit_report(res: Any, title: str, doc: dict[str, Any] | None = None) -> Repor
     out = {
         "run": res.name, "run_dir": str(res.run_dir), "model": str(fr.model_path), "best": str(fr.best_path),
         "last": str(fr.last_path), **(doc or {}), "epochs": len(fr.history), "best_epoch": best.get("epoch"),
-        "video_top1": best.get("val_video_top1"), "history": fr.history,
+        "video_top1": best.get("val_video_top1"), "selected_on": fr.selected_on, "history": fr.history,
     }
     table = Table(["epoch", "train loss", "train acc", "val video top-1", "clips/s", "time s"], title=title)
     for h in fr.history:
@@ -190,6 +190,9 @@ def fit_report(res: Any, title: str, doc: dict[str, Any] | None = None) -> Repor
     notes = list(getattr(res, "notes", []) or [])
     if best:
         notes.append(f"best epoch {best.get('epoch')}: val video top-1 {best.get('val_video_top1')}; model: {fr.model_path}")
+    if fr.selected_on == "test":
+        notes.append(f"the best epoch was chosen on the test split (the dataset has no other), so its top-1 is optimistic; "
+                     f"{res.name}:last is the unselected model")
     return Report(out, [table], notes)
 
 

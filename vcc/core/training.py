@@ -114,6 +114,8 @@ class FitResult:
     model_path: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
+    # the split the best epoch was chosen on ("test" when the dataset has no other), None: by train loss
+    selected_on: str | None = None
 
 
 @dataclass
@@ -639,7 +641,10 @@ def _fit(
             undo_stem()
     _write_weights_hash(raw, dd)
     best_clean = {k: v for k, v in best.items() if k != "_score"}
-    return FitResult(best_path, last_path, model_path, history, best_clean)
+    selected_on = None
+    if loaders.val is not None:
+        selected_on = "validation" if isinstance(data, Loaders) else cfg.val_split
+    return FitResult(best_path, last_path, model_path, history, best_clean, selected_on)
 
 
 def _broadcast_buffers(model: nn.Module) -> None:
