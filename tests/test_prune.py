@@ -188,7 +188,7 @@ def test_cli_prune_taylor_target_macs_with_finetune(ws, tiny_model: Path, tiny_s
     assert doc["after"]["macs"] <= 0.5 * doc["before"]["macs"]
     assert doc["after"]["params"] < doc["before"]["params"]
     assert {"video_top1", "latency_ms"} <= set(doc["after"]) and {"video_top1", "latency_ms"} <= set(doc["before"])
-    assert doc["steps"][0]["removed"]
+    assert doc["steps"][0]["removed"] and doc["steps"][0]["selected_on"] == "test"
     path = ws.runs_dir / "half" / "model.safetensors"
     model, meta = load_model(path)
     assert meta.extra["prune"]["method"] == "taylor" and meta.provenance["parent_sha256"]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from vcc.commands._common import DeviceOpt, Format, FormatOpt
+from vcc.commands._common import DeviceOpt, Format, FormatOpt, WorkersOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         clips: Annotated[int, typer.Option("--clips", "-k", help="Evenly spaced clips per video (video score = mean clip softmax).")] = 3,
         crops: Annotated[int, typer.Option("--crops", help="Spatial crops per clip: 1 (centre) or 3.")] = 1,
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per batch.")] = 8,
-        workers: Annotated[int, typer.Option("--workers", "-j", help="Loader worker processes (0: decode in the main process).")] = 0,
+        workers: WorkersOpt = 0,
         device: DeviceOpt = "auto",
         amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = False,
         threshold: Annotated[float | None, typer.Option("--threshold", help="Multi-exit models: leave at the first exit whose max softmax exceeds this.")] = None,

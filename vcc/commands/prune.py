@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from vcc.commands._common import DeviceOpt, Format, FormatOpt, NameOpt
+from vcc.commands._common import DeviceOpt, Format, FormatOpt, NameOpt, WorkersOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[float | None, typer.Option("--lr", help="Learning rate for finetuning / vib training.")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Batch size for ranking, finetuning and evaluation.")] = 8,
         eval_clips: Annotated[int, typer.Option("--eval-clips", min=1, help="Clips per test video for the accuracy columns.")] = 1,
-        workers: Annotated[int, typer.Option("--workers", min=0, help="Data loader workers.")] = 1,
+        workers: WorkersOpt = 1,
         latency_runs: Annotated[int, typer.Option("--latency-runs", min=1, help="Timed CPU forward passes for the latency rows (median).")] = 10,
         device: DeviceOpt = "auto",
         name: NameOpt = None,
@@ -114,6 +114,9 @@ def register(app: typer.Typer) -> None:
         notes = ["MACs = multiply-accumulates for one clip; latency = median CPU forward at batch 1 (this machine)."]
         if method_l == "magnitude":
             notes.append("Masks do not make the dense model faster: run `vcc port` to drop fully masked channels.")
+        if any(s.get("selected_on") == "test" for s in res["steps"]):
+            notes.append("Each finetuning step kept its best epoch, chosen on the test split (the dataset has no other): "
+                         "the after accuracy is optimistic by that selection.")
         render(Report({"run": run_name, **res}, tables, notes), fmt)
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from vcc.commands._common import DeviceOpt, Format, FormatOpt, NameOpt
+from vcc.commands._common import DeviceOpt, Format, FormatOpt, NameOpt, WorkersOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[float, typer.Option("--lr", help="SGD learning rate for the WISE weights.", min=0.0)] = 0.01,
         thresholds: Annotated[str, typer.Option("--thresholds", help="Softmax thresholds START:STOP:COUNT (linspace, inclusive) or a comma list.")] = "0:1.1:13",
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per batch while collecting logits.", min=1)] = 8,
-        workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.", min=0)] = 0,
+        workers: WorkersOpt = 0,
         device: DeviceOpt = "auto",
         name: NameOpt = None,
         fmt: FormatOpt = Format.table,

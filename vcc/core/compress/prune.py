@@ -664,7 +664,7 @@ def _finetune(model: nn.Module, meta: Any, data: Any, job: PruneJob, run_dir: An
     sub = run_dir / f".finetune-{step}"
     res = fit(model, meta, data, cfg, sub, progress=progress)
     tuned, tuned_meta = load_model(res.model_path)
-    hist = [{"step": step, **h} for h in res.history]
+    hist = [{"step": step, **h, "selected_on": res.selected_on} for h in res.history]
     shutil.rmtree(sub, ignore_errors=True)
     return tuned, tuned_meta, hist
 
@@ -742,6 +742,7 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
             history += hist
             if hist:
                 record["finetune_val_top1"] = hist[-1].get("val_video_top1", hist[-1].get("val_top1"))
+                record["selected_on"] = hist[-1]["selected_on"]
         steps_log.append(record)
         if progress:
             progress("prune steps", t, job.steps, {"macs": record.get("macs", "")})
