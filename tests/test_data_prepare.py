@@ -281,3 +281,58 @@ def test_prepare_synthetic_cli(ws: Workspace) -> None:
     defaults = {p.name: p.default for p in cmd.params}
     for key in ("classes", "videos_per_class", "frames", "size", "seed"):
         assert defaults[key] == DEFAULTS[key], key
+
+
+# ---------------------------------------------------------------- --holdout: a validation split carved out of train
+
+
+def _group_sides(info, pattern: str) -> dict[tuple[int, str], set[str]]:
+    """(class, group) -> the splits its videos are in."""
+    sides: dict[tuple[int, str], set[str]] = {}
+    for e in info.entries:
+        sides.setdefault((e.label, re.search(pattern, Path(e.path).name).group(1)), set()).add(e.split)
+    return sides
+
+
+def test_ucf101_holdout_moves_whole_groups(ucf: dict) -> None:
+    res = prepare_ucf101(ucf["ws"], ucf["base"], UCF_SPLITS, split=1, name="ucf-val", holdout=0.3)
+    info = load_dataset(res.path)
+    base = ucf["res"].counts
+    assert res.counts["test"] == base["test"] and res.counts["train"] + res.counts["val"] == base["train"]
+    # split 1 trains on g08-g25; this tree has g08 and g09 only, so one whole group of two moves
+    assert sum(len(s) for s in _group_sides(info, r"_g(\d\d)_c\d\d").values() if s == {"val"}) == len(UCF_CLASSES)
+    sides = _group_sides(info, r"_g(\d\d)_c\d\d")
+    assert all(len(s) == 1 for s in sides.values())  # a group (actor/scene) is never on two sides
+    for label in {e.label for e in info.entries}:
+        splits = {e.split for e in info.entries if e.label == label}
+        assert {"train", "val"} <= splits, info.classes[label]
+    assert json.loads((res.path / "dataset.json").read_text())["options"]["holdout"] == 0.3
+
+
+def test_ucf11_holdout_cli_json(ucf11_root: Path, ws: Workspace) -> None:
+    r = CliRunner().invoke(app, ["-w", str(ws.root), "prepare", "ucf11", "--root", str(ucf11_root), "--holdout", "0.3", "-f", "json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["counts"] == {"train": 8, "test": 8, "val": 4}  # one of three training groups per class
+    sides = _group_sides(load_dataset(ws.dataset_dir(doc["name"])), r"_(\d\d)_\d\d\.avi$")
+    assert all(len(s) == 1 for s in sides.values())
+    table = CliRunner().invoke(app, ["-w", str(ws.root), "prepare", "ucf11", "--root", str(ucf11_root), "--holdout", "0.3"])
+    assert table.exit_code == 0 and "val" in table.output
+    bad = CliRunner().invoke(app, ["-w", str(ws.root), "prepare", "ucf11", "--root", str(ucf11_root), "--holdout", "1"])
+    assert bad.exit_code == 2
+
+
+def test_hold_out_without_groups_keeps_a_training_video_per_class() -> None:
+    from vcc.core.data.manifest import VideoEntry
+    from vcc.core.data.prepare import hold_out
+
+    entries = [VideoEntry(f"/v/{c}_{i}.avi", c, "train", 10, 25.0, 32, 32) for c in range(3) for i in range(c * 4 + 1)]
+    entries.append(VideoEntry("/v/t.avi", 1, "test", 10, 25.0, 32, 32))
+    hold_out(entries, ["a", "b", "c"], 0.25)
+    per = {c: [e.split for e in entries if e.label == c] for c in range(3)}
+    assert per[0] == ["train"]  # a single video stays in train
+    assert per[1].count("val") == 1 and per[1].count("test") == 1  # round(5 * 0.25) = 1; test untouched
+    assert per[2].count("val") == 2 and per[2].count("train") == 7  # round(9 * 0.25) = 2
+    again = [VideoEntry(e.path, e.label, "train" if e.split == "val" else e.split, 10, 25.0, 32, 32) for e in entries]
+    hold_out(again, ["a", "b", "c"], 0.25)
+    assert [e.split for e in again] == [e.split for e in entries]  # deterministic

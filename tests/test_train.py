@@ -85,6 +85,19 @@ def test_train_table_says_the_best_epoch_was_chosen_on_test(ws, tiny_synthetic) 
     assert "chosen on the test split" in out and "t1:last is the unselected model" in out
 
 
+def test_best_epoch_is_chosen_on_a_prepared_val_split(ws, tiny_synthetic) -> None:
+    """`vcc prepare folder --holdout`: training validates on "val", never on test."""
+    run_vcc("prepare", "folder", "--root", str(tiny_synthetic / "videos"), "--holdout", "0.25", "--name", "held", check=True,
+            env={"VCC_HOME": str(ws.root)})
+    proc = run_vcc("train", "--data", "held", "--name", "h1", "--epochs", "2", "--workers", "0", "--max-batches", "1", "-f", "json",
+                   check=True, env={"VCC_HOME": str(ws.root)})
+    doc = json.loads(proc.stdout)
+    assert doc["selected_on"] == "val"
+    out = run_vcc("train", "--data", "held", "--name", "h2", "--epochs", "1", "--workers", "0", "--max-batches", "1",
+                  check=True, env={"VCC_HOME": str(ws.root)})
+    assert "chosen on the test split" not in " ".join(out.stdout.split())
+
+
 def test_resume_is_bit_exact(ws, tiny_synthetic) -> None:
     """A run stopped after epoch 1 and resumed ends with the same weights as an uninterrupted one."""
     common = ["train", "--data", str(tiny_synthetic), "--epochs", "2", "--workers", "0", "--device", "cpu", "--seed", "3",

@@ -20,6 +20,10 @@ MinFramesOpt = Annotated[int, typer.Option("--min-frames", min=1, help="Skip vid
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=1, max=32, help="Videos probed at once.")]
 RootOpt = Annotated[str, typer.Option("--root", help="Folder holding the videos.", show_default=False)]
 SplitOpt = Annotated[int, typer.Option("--split", min=1, max=3, help="Official split 1, 2 or 3.")]
+HoldoutOpt = Annotated[float, typer.Option(
+    "--holdout", min=0.0, max=0.9,
+    help="Share of each class's training videos (whole groups where the dataset has them) moved to a 'val' "
+         "split; training then picks its best epoch there instead of on test.")]
 
 
 def _run(fn: Any, fmt: Any, /, **kwargs: Any) -> None:
@@ -29,8 +33,9 @@ def _run(fn: Any, fmt: Any, /, **kwargs: Any) -> None:
     with progress() as prog:
         res: PrepareResult = fn(workspace(), progress=ProgressHook(prog), **kwargs)
     doc = res.doc()
-    summary = Table(["dataset", "classes", "train", "test", "skipped", "folder"], title="Prepared dataset")
-    summary.add(res.name, len(res.classes), res.counts.get("train", 0), res.counts.get("test", 0), len(res.skipped), str(res.path))
+    splits = [s for s in ("train", "val", "test") if s in res.counts]
+    summary = Table(["dataset", "classes", *splits, "skipped", "folder"], title="Prepared dataset")
+    summary.add(res.name, len(res.classes), *(res.counts[s] for s in splits), len(res.skipped), str(res.path))
     tables = [summary]
     notes: list[str] = []
     if res.skipped:
@@ -53,6 +58,7 @@ def register(app: typer.Typer) -> None:
         root: RootOpt,
         splits: Annotated[str, typer.Option("--splits", help="The official ucfTrainTestlist folder (classInd.txt, trainlist0N.txt, testlist0N.txt).", show_default=False)],
         split: SplitOpt = 1,
+        holdout: HoldoutOpt = 0.0,
         name: NameOpt = None,
         min_frames: MinFramesOpt = 8,
         workers: WorkersOpt = 4,
@@ -61,13 +67,14 @@ def register(app: typer.Typer) -> None:
         """UCF101: UCF-101/<Class>/v_<Class>_gXX_cYY.avi with the official split lists (labels in classInd.txt order)."""
         from vcc.core.data.prepare import prepare_ucf101
 
-        _run(prepare_ucf101, fmt, root=root, splits=splits, split=split, name=name, min_frames=min_frames, workers=workers)
+        _run(prepare_ucf101, fmt, root=root, splits=splits, split=split, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
 
     @sub.command("hmdb51")
     def hmdb51(
         root: RootOpt,
         splits: Annotated[str, typer.Option("--splits", help="The testTrainMulti_7030_splits folder (<class>_test_split<N>.txt).", show_default=False)],
         split: SplitOpt = 1,
+        holdout: HoldoutOpt = 0.0,
         name: NameOpt = None,
         min_frames: MinFramesOpt = 8,
         workers: WorkersOpt = 4,
@@ -76,12 +83,13 @@ def register(app: typer.Typer) -> None:
         """HMDB51: <class>/<video>.avi with the official 70/30 split lists (1 train, 2 test, 0 unused)."""
         from vcc.core.data.prepare import prepare_hmdb51
 
-        _run(prepare_hmdb51, fmt, root=root, splits=splits, split=split, name=name, min_frames=min_frames, workers=workers)
+        _run(prepare_hmdb51, fmt, root=root, splits=splits, split=split, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
 
     @sub.command("ucf11")
     def ucf11(
         root: RootOpt,
         fold: Annotated[int | None, typer.Option("--fold", min=1, max=25, help="Leave-one-group-out: test on group K only (1..25). Default: test on groups 21-25.")] = None,
+        holdout: HoldoutOpt = 0.0,
         name: NameOpt = None,
         min_frames: MinFramesOpt = 8,
         workers: WorkersOpt = 4,
@@ -90,13 +98,14 @@ def register(app: typer.Typer) -> None:
         """UCF11 (YouTube actions): <class>/v_<short>_<GG>/*.avi, split by group so no group is on both sides."""
         from vcc.core.data.prepare import prepare_ucf11
 
-        _run(prepare_ucf11, fmt, root=root, fold=fold, name=name, min_frames=min_frames, workers=workers)
+        _run(prepare_ucf11, fmt, root=root, fold=fold, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
 
     @sub.command("folder")
     def folder(
         root: RootOpt,
         val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.95, help="Share of each class held out for test (ignored for train/ + test/ trees).")] = 0.2,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the per-class split.")] = 0,
+        holdout: HoldoutOpt = 0.0,
         name: NameOpt = None,
         min_frames: MinFramesOpt = 8,
         workers: WorkersOpt = 4,
@@ -105,7 +114,7 @@ def register(app: typer.Typer) -> None:
         """Any <class>/<video> tree (avi, mp4, mkv, webm, mpg, ...); classes sorted by name."""
         from vcc.core.data.prepare import prepare_folder
 
-        _run(prepare_folder, fmt, root=root, val_ratio=val_ratio, seed=seed, name=name, min_frames=min_frames, workers=workers)
+        _run(prepare_folder, fmt, root=root, val_ratio=val_ratio, seed=seed, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
 
     @sub.command("synthetic")
     def synthetic(

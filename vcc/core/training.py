@@ -72,7 +72,7 @@ class TrainConfig:
     gamma: float = 0.1
     grad_clip: float | None = None
     val_clips: int = 1  # clips per video during per-epoch validation
-    val_split: str = "test"
+    val_split: str = "auto"  # the split that picks the best epoch; auto: "val" where prepared, else "test"
     max_batches: int | None = None  # cap on batches per epoch (smoke runs)
     stop_after: int | None = None  # stop (resumably) after this many epochs in this call
     init: str | None = None  # parent artefact path, recorded in provenance
@@ -129,6 +129,7 @@ class Loaders:
     train: Iterable
     val: Iterable | None
     classes: list[str]
+    val_split: str | None = None  # the dataset split `val` reads, when known
 
 
 # ---------------------------------------------------------------- devices and inputs
@@ -292,13 +293,16 @@ def _make_loaders(data: Any, cfg: TrainConfig, distributed: bool, pin: bool) -> 
         info, "train", train=True, frames=cfg.frames, size=cfg.size, batch_size=cfg.batch_size,
         workers=cfg.workers, seed=cfg.seed, distributed=distributed, pin_memory=pin,
     )
+    split = cfg.val_split
+    if split == "auto":
+        split = "val" if info.counts.get("val") else "test"
     val = None
-    if info.split(cfg.val_split):
+    if info.split(split):
         val = make_loader(
-            info, cfg.val_split, train=False, frames=cfg.frames, size=cfg.size, batch_size=cfg.batch_size,
+            info, split, train=False, frames=cfg.frames, size=cfg.size, batch_size=cfg.batch_size,
             workers=cfg.workers, clips=cfg.val_clips, seed=cfg.seed, pin_memory=pin,
         )
-    return Loaders(train, val, list(info.classes))
+    return Loaders(train, val, list(info.classes), split if val is not None else None)
 
 
 def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
@@ -643,7 +647,7 @@ def _fit(
     best_clean = {k: v for k, v in best.items() if k != "_score"}
     selected_on = None
     if loaders.val is not None:
-        selected_on = "validation" if isinstance(data, Loaders) else cfg.val_split
+        selected_on = loaders.val_split or "validation"
     return FitResult(best_path, last_path, model_path, history, best_clean, selected_on)
 
 

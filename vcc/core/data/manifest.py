@@ -18,6 +18,14 @@ from vcc.core.errors import VccError
 FORMAT = "vcc-dataset"
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
+# Optional splits: present only when a prepare asked for them (`--holdout`: "val", carved out of train).
+OPTIONAL_SPLITS = ("val",)
+
+
+def split_counts(splits: Any) -> dict[str, int]:
+    """{"train": n, "test": n} plus "val" when there is one, from an iterable of split names."""
+    c = Counter(splits)
+    return {s: c.get(s, 0) for s in SPLITS} | {s: c[s] for s in OPTIONAL_SPLITS if c.get(s)}
 
 
 @dataclass
@@ -45,16 +53,15 @@ class DatasetInfo:
     options: dict[str, Any] = field(default_factory=dict)
 
     def split(self, name: str) -> list[VideoEntry]:
-        """The entries of split `name` ("train" or "test"), in manifest order."""
+        """The entries of split `name` ("train", "test", or "val" where prepared), in manifest order."""
         if name not in SPLITS and not any(e.split == name for e in self.entries):
-            raise VccError(f"dataset {self.name!r} has no split {name!r} (splits: {', '.join(SPLITS)})")
+            raise VccError(f"dataset {self.name!r} has no split {name!r} (splits: {', '.join(self.counts)})")
         return [e for e in self.entries if e.split == name]
 
     @property
     def counts(self) -> dict[str, int]:
         """Number of videos per split."""
-        c = Counter(e.split for e in self.entries)
-        return {s: c.get(s, 0) for s in SPLITS}
+        return split_counts(e.split for e in self.entries)
 
     @property
     def num_classes(self) -> int:
@@ -150,8 +157,7 @@ def write_dataset(
             d["path"] = p.relative_to(folder).as_posix()
         lines.append(json.dumps(d, ensure_ascii=False))
     (folder / "manifest.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
-    c = Counter(e.split for e in entries)
-    counts = {s: c.get(s, 0) for s in SPLITS}
+    counts = split_counts(e.split for e in entries)
     per_class = Counter((e.split, e.label) for e in entries)
     doc = {
         "format": FORMAT,
@@ -160,7 +166,7 @@ def write_dataset(
         "source": source,
         "classes": list(classes),
         "counts": counts,
-        "per_class": {cls: {s: per_class.get((s, i), 0) for s in SPLITS} for i, cls in enumerate(classes)},
+        "per_class": {cls: {s: per_class.get((s, i), 0) for s in counts} for i, cls in enumerate(classes)},
         "options": dict(options or {}),
         "skipped": list(skipped or []),
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +137,15 @@ def _build(
     progress: ProgressFn | None,
     skipped: list[dict[str, str]] | None = None,
     split_auto: tuple[float, int] | None = None,
+    holdout: float = 0.0,
+    group_of: Callable[[Path], Any] | None = None,
 ) -> PrepareResult:
-    """Probe, skip, split (entries with split "auto" when `split_auto=(val_ratio, seed)`), write."""
+    """Probe, skip, split (entries with split "auto" when `split_auto=(val_ratio, seed)`), hold out, write."""
     check_name(name, "dataset name")
     if min_frames < 1:
         raise UsageError(f"--min-frames must be at least 1, got {min_frames}")
+    if not 0.0 <= holdout < 1.0:
+        raise UsageError(f"--holdout must be in [0, 1), got {holdout}")
     skipped = list(skipped or [])
     seen: set[Path] = set()
     to_probe: list[tuple[Path, int, str]] = []
@@ -164,10 +169,12 @@ def _build(
             entries.append(VideoEntry(str(path.resolve()), label, split, pr.n_frames, pr.fps, pr.width, pr.height))
     if split_auto is not None:
         _assign_splits(entries, classes, *split_auto)
+    if holdout > 0:
+        hold_out(entries, classes, holdout, group_of)
     if not entries:
         first = f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise VccError(f"no usable videos found for {source} dataset {name!r}{first}")
-    options = {**options, "min_frames": min_frames}
+    options = {**options, "min_frames": min_frames, **({"holdout": holdout} if holdout > 0 else {})}
     with atomic_dir(ws.dataset_dir(name)) as tmp:
         counts = write_dataset(tmp, name, classes, entries, source=source, options=options, skipped=skipped)
     return PrepareResult(name, ws.dataset_dir(name), list(classes), counts, skipped)
@@ -208,6 +215,7 @@ def prepare_ucf101(
     min_frames: int = DEFAULT_MIN_FRAMES,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    holdout: float = 0.0,
 ) -> PrepareResult:
     """UCF101 from the archive (`UCF-101/<Class>/*.avi`) and the official `ucfTrainTestlist`."""
     _check_split(split, "UCF101")
@@ -242,6 +250,7 @@ def prepare_ucf101(
     return _build(
         ws, name or ("ucf101" if split == 1 else f"ucf101-split{split}"), classes, candidates,
         source="ucf101", options=options, min_frames=min_frames, workers=workers, progress=progress, skipped=skipped,
+        holdout=holdout, group_of=ucf101_group,
     )
 
 
@@ -268,6 +277,7 @@ def prepare_hmdb51(
     min_frames: int = DEFAULT_MIN_FRAMES,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    holdout: float = 0.0,
 ) -> PrepareResult:
     """HMDB51: `<root>/<class>/<name>.avi` and `<class>_test_split<N>.txt` lists (1 train, 2 test, 0 unused)."""
     _check_split(split, "HMDB51")
@@ -303,6 +313,7 @@ def prepare_hmdb51(
     return _build(
         ws, name or ("hmdb51" if split == 1 else f"hmdb51-split{split}"), classes, candidates,
         source="hmdb51", options=options, min_frames=min_frames, workers=workers, progress=progress, skipped=skipped,
+        holdout=holdout,
     )
 
 
@@ -329,6 +340,7 @@ def prepare_ucf11(
     min_frames: int = DEFAULT_MIN_FRAMES,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    holdout: float = 0.0,
 ) -> PrepareResult:
     """UCF11 (`action_youtube_naudio/<class>/v_<short>_<GG>/v_<short>_<GG>_<CC>.avi`), split by group.
 
@@ -359,6 +371,7 @@ def prepare_ucf11(
     return _build(
         ws, name or default, classes, candidates,
         source="ucf11", options=options, min_frames=min_frames, workers=workers, progress=progress, skipped=skipped,
+        holdout=holdout, group_of=_ucf11_group,
     )
 
 
@@ -379,6 +392,7 @@ def prepare_folder(
     min_frames: int = DEFAULT_MIN_FRAMES,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    holdout: float = 0.0,
 ) -> PrepareResult:
     """Any `<root>/<class>/<video>` tree; `val_ratio` of each class (shuffled by `seed`) is the test split.
 
@@ -408,7 +422,7 @@ def prepare_folder(
     return _build(
         ws, name or default, classes, candidates,
         source="folder", options=options, min_frames=min_frames, workers=workers, progress=progress,
-        split_auto=None if presplit else (val_ratio, seed),
+        split_auto=None if presplit else (val_ratio, seed), holdout=holdout,
     )
 
 
@@ -424,3 +438,33 @@ def _assign_splits(entries: list[VideoEntry], classes: list[str], val_ratio: flo
         test_idx = set(order[:n_test])
         for i, e in enumerate(vids):
             e.split = "test" if i in test_idx else "train"
+
+
+def hold_out(entries: list[VideoEntry], classes: list[str], ratio: float, group_of: Callable[[Path], Any] | None = None) -> None:
+    """Move about `ratio` of each class's training videos to a "val" split, for choosing epochs.
+
+    Where `group_of(path)` names a video's group (UCF101's gXX, UCF11's folders: clips of one
+    scene), whole groups move, so no group is on both sides. Deterministic (a shuffle seeded by the
+    class name); a class keeps at least one training group or video.
+    """
+    for cls_i, cls in enumerate(classes):
+        train = [e for e in entries if e.label == cls_i and e.split == "train"]
+        units: dict[Any, list[VideoEntry]] = {}
+        for e in train:
+            key = group_of(Path(e.path)) if group_of else None
+            units.setdefault(("group", key) if key is not None else ("video", e.path), []).append(e)
+        order = sorted(units, key=str)
+        random.Random(f"holdout/{cls}").shuffle(order)
+        want, taken = max(1, round(len(train) * ratio)), 0
+        for unit in order[:-1]:
+            if taken >= want:
+                break
+            for e in units[unit]:
+                e.split = "val"
+            taken += len(units[unit])
+
+
+def ucf101_group(path: Path) -> int | None:
+    """The group (actor/scene) of a UCF101 clip, from `v_<Class>_gXX_cYY.avi`."""
+    m = re.search(r"_g(\d+)_c\d+$", path.stem, re.IGNORECASE)
+    return int(m.group(1)) if m else None
