@@ -157,6 +157,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--workspace", default=None, help="keep artefacts here (default: a temp dir)")
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="move this share of each class's training videos to a val split (backbone epochs are "
+                         "chosen on it) and also fit WISE on val logits, side by side with the train fit")
     args = ap.parse_args()
     if args.quick:
         args.arch, args.options, args.classes, args.videos_per_class = "r3d_tiny", json.dumps(DEFAULT_OPTIONS), 4, 8
@@ -183,6 +186,18 @@ def main() -> None:
     else:
         res = prepare_synthetic(ws, name="bench-exits", classes=args.classes, videos_per_class=args.videos_per_class, seed=0)
         info = load_dataset(res.path)
+    if args.holdout > 0:
+        import dataclasses
+
+        from vcc.core.data.manifest import write_dataset
+        from vcc.core.data.prepare import hold_out
+
+        entries = [dataclasses.replace(e, path=str(info.root / e.path)) for e in info.entries]
+        hold_out(entries, list(info.classes), args.holdout)
+        held = ws.dataset_dir(f"{info.name}-holdout")
+        held.mkdir(parents=True, exist_ok=True)
+        write_dataset(held, held.name, list(info.classes), entries, source="bench", options={"holdout": args.holdout})
+        info = load_dataset(held)
     timings["prepare_s"] = time.perf_counter() - t0
 
     options = json.loads(args.options)
@@ -216,6 +231,11 @@ def main() -> None:
     timings["wise_s"] = time.perf_counter() - t
     ce_doc = run_wise(paths["ce"], info, ws.run_dir("wise-ce", create=True), lam=args.lam, iters=args.iters,
                       thresholds=thresholds, device="cpu", workers=args.workers)
+    val_docs = {}
+    if args.holdout > 0:
+        for kd in ("progressive", "ce"):
+            val_docs[kd] = run_wise(paths[kd], info, ws.run_dir(f"wise-val-{kd}", create=True), lam=args.lam, iters=args.iters,
+                                    thresholds=thresholds, device="cpu", workers=args.workers, fit_split="val")
     mmodel, mmeta = load_model(paths["progressive"])
     t = time.perf_counter()
     runtime = []
@@ -232,7 +252,7 @@ def main() -> None:
         "setup": {
             "arch": args.arch, "options": options, "frames": args.frames, "size": args.size,
             "dataset": {"classes": len(info.classes), **info.counts}, "epochs": args.epochs, "lr": args.lr,
-            "ic_epochs": args.ic_epochs, "ic_lr": args.ic_lr, "lambda": args.lam, "iters": args.iters,
+            "holdout": args.holdout, "ic_epochs": args.ic_epochs, "ic_lr": args.ic_lr, "lambda": args.lam, "iters": args.iters,
             "thresholds": args.thresholds if args.thresholds != "fine" else f"fine ({len(thresholds)} values)", "threads": torch.get_num_threads(),
         },
         "backbone_test_top1": base_top1,
@@ -243,6 +263,8 @@ def main() -> None:
         "goals": g,
         "runtime_batch1": runtime,
         "goals_ce_ics": goals(ce_doc, len(info.classes)),
+        **({"goals_wise_fit_on_val": goals(val_docs["progressive"], len(info.classes)),
+            "goals_ce_ics_wise_fit_on_val": goals(val_docs["ce"], len(info.classes))} if val_docs else {}),
         "methods": doc["methods"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(time.perf_counter() - t0, 1),

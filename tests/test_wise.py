@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -152,3 +153,30 @@ def test_vcc_wise_rejects_a_plain_model(ws, tiny_synthetic: Path, tiny_model: Pa
     assert "has no early exits" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["wise", str(tiny_model), "--data", str(tiny_synthetic), "--thresholds", "1:2"])
     assert res.exit_code == 2 and "--thresholds" in res.output
+
+
+def test_vcc_wise_fits_on_a_held_out_val_split(session_ws, tiny_synthetic: Path, multi_exit_model: Path, tmp_path: Path) -> None:
+    from vcc.core.artefact import load_tensors
+    from vcc.core.data.manifest import load_dataset, write_dataset
+    from vcc.core.data.prepare import hold_out
+
+    info = load_dataset(tiny_synthetic)
+    entries = [dataclasses.replace(e, path=str(info.root / e.path)) for e in info.entries]
+    hold_out(entries, info.classes, 0.34)
+    held = tmp_path / "held"
+    held.mkdir()
+    write_dataset(held, "held", info.classes, entries, source="test")
+    env = {"VCC_HOME": str(session_ws.root)}
+    common = ("--data", str(held), "--iters", "50", "--thresholds", "0:1.1:4", "--device", "cpu", "--format", "json")
+    on_val = json.loads(run_vcc("wise", str(multi_exit_model), *common, "--fit-split", "val", "--name", "wise-val", env=env, check=True).stdout)
+    on_train = json.loads(run_vcc("wise", str(multi_exit_model), *common, "--name", "wise-train", env=env, check=True).stdout)
+    assert on_val["fit_split"] == "val" and on_train["fit_split"] == "train"
+    assert on_val["wise_weights"] != on_train["wise_weights"]  # fitted on other videos
+    tensors, meta = load_tensors(session_ws.root / "runs" / "wise-val" / "logits.safetensors", expect_format="vcc-logits")
+    assert meta["wise"]["fit_split"] == "val"
+    n_val = sum(e.split == "val" for e in entries)
+    assert n_val > 0 and len(tensors["val_video_idx"].unique()) == n_val
+    assert tensors["val_logits"].shape[1] == len(tensors["val_labels"])
+    assert on_val["methods"]["vanilla"] == on_train["methods"]["vanilla"]  # the same test sweep
+    res = CliRunner().invoke(app, ["wise", str(multi_exit_model), "--data", str(tiny_synthetic), "--fit-split", "val"])
+    assert res.exit_code == 2 and "no val split" in res.output

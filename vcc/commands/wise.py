@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[float, typer.Option("--lr", help="SGD learning rate for the WISE weights.", min=0.0)] = 0.01,
         thresholds: Annotated[str, typer.Option("--thresholds", help="Softmax thresholds START:STOP:COUNT (linspace, inclusive) or a comma list.")] = "0:1.1:13",
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per batch while collecting logits.", min=1)] = 8,
+        fit_split: Annotated[str, typer.Option("--fit-split", help="Split whose logits fit the WISE weights: train (as the paper) or val (held-out videos from `vcc prepare --holdout`).")] = "train",
         workers: WorkersOpt = 0,
         device: DeviceOpt = "auto",
         name: NameOpt = None,
@@ -26,10 +27,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Weighted ensembles of early exits (WISE) vs vanilla ICs vs constant ensembles.
 
-        Saves every exit's logits (train and test), learns WISE weights on train, then sweeps the
-        exit threshold on test: accuracy, average MACs per video (each video pays everything it
-        ran) and the share leaving at each exit. Writes logits.safetensors, tradeoff.csv,
-        wise.json and tradeoff.png into the run folder.
+        Saves every exit's logits (train and test) and learns WISE weights on
+        train (or on held-out videos: --fit-split val). Then it sweeps the exit
+        threshold on test: accuracy, average MACs per video (each video pays
+        everything it ran) and the share leaving at each exit. Writes
+        logits.safetensors, tradeoff.csv, wise.json and tradeoff.png into the
+        run folder.
         """
         from pathlib import Path
 
@@ -50,7 +53,7 @@ def register(app: typer.Typer) -> None:
         with progress(transient=True) as prog:
             doc = run_wise(
                 model_path, Path(data_path), run_dir, lam=lam, iters=iters, lr=lr, thresholds=thr,
-                batch_size=batch_size, device=device, workers=workers, progress=ProgressHook(prog),
+                batch_size=batch_size, device=device, workers=workers, fit_split=fit_split, progress=ProgressHook(prog),
             )
         doc["run"] = run_name
         log(f"wrote {run_dir} (logits.safetensors, tradeoff.csv, wise.json, tradeoff.png)")

@@ -181,9 +181,13 @@ def run_wise(
     batch_size: int = 8,
     device: str = "auto",
     workers: int = 0,
+    fit_split: str = "train",
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Save per-exit logits (train, test), fit WISE, sweep thresholds, write CSV/JSON/PNG in `run_dir`.
+
+    WISE's weights are fitted on `fit_split`'s logits: "train" (the paper's choice) or "val", a
+    split the exits never trained on (`vcc prepare --holdout`), where they are not overconfident.
 
     Returns ``{"full": {"accuracy", "macs"}, "methods": {"wise"|"vanilla"|"constant": [rows]},
     "exits": [{exit, stage, macs}], "wise_weights": [[...]], "files": {...}}``.
@@ -206,15 +210,19 @@ def run_wise(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    if fit_split not in ("train", "val"):
+        raise UsageError(f"--fit-split must be train or val, got {fit_split!r}")
+    if fit_split == "val" and not info.counts.get("val"):
+        raise UsageError(f"dataset {info.name!r} has no val split (prepare it with --holdout R to fit WISE on held-out videos)")
     tensors: dict[str, torch.Tensor] = {}
-    for split in ("train", "test"):
+    for split in dict.fromkeys((fit_split, "train", "test")):
         if not info.split(split):
-            raise VccError(f"dataset {info.name!r} has no {split!r} videos (WISE fits on train and reports on test)")
+            raise VccError(f"dataset {info.name!r} has no {split!r} videos (WISE fits on {fit_split} and reports on test)")
         loader = make_loader(info, split, train=False, frames=meta.frames, size=meta.size, batch_size=batch_size, workers=workers)
         logits, labels, vidx = collect_exit_logits(model, loader, dev, meta, progress, task=f"logits {split}")
         tensors[f"{split}_logits"], tensors[f"{split}_labels"], tensors[f"{split}_video_idx"] = logits, labels, vidx
 
-    beta = fit_wise(tensors["train_logits"], tensors["train_labels"], lam=lam, iters=iters, lr=lr, progress=progress)
+    beta = fit_wise(tensors[f"{fit_split}_logits"], tensors[f"{fit_split}_labels"], lam=lam, iters=iters, lr=lr, progress=progress)
     tensors["wise_weights"] = beta
     logits_path = run_dir / "logits.safetensors"
     save_tensors(logits_path, tensors, {
@@ -223,7 +231,7 @@ def run_wise(
         "model_sha256": sha256_file(model_path),
         "exits": table,
         "classes": list(meta.classes),
-        "wise": {"lambda": lam, "iters": iters, "lr": lr},
+        "wise": {"lambda": lam, "iters": iters, "lr": lr, "fit_split": fit_split},
     })
 
     test, labels = tensors["test_logits"], tensors["test_labels"]
@@ -239,6 +247,7 @@ def run_wise(
         "methods": methods,
         "exits": table,
         "wise_weights": [[round(float(v), 6) for v in row[: i + 1]] for i, row in enumerate(beta)],
+        "fit_split": fit_split,
         "files": {},
     }
     csv_path, json_path, png_path = run_dir / "tradeoff.csv", run_dir / "wise.json", run_dir / "tradeoff.png"
