@@ -40,3 +40,12 @@ def test_closed_stdout_pipe_is_quiet() -> None:
         proc = subprocess.run(["bash", "-c", f"set -o pipefail; {vcc} {cmd} | head -40 > /dev/null"], capture_output=True, text=True, timeout=120)
         assert "Traceback" not in proc.stderr and "error:" not in proc.stderr, (cmd, proc.stderr)
         assert proc.returncode in (0, 1), (cmd, proc.returncode)
+
+
+def test_help_paragraphs_reflow_to_the_terminal() -> None:
+    """Docstring line breaks are not kept: at 80 columns a paragraph wraps cleanly (no one-word lines)."""
+    out = run_vcc("prune", "--help", env={"COLUMNS": "80", "TERM": "dumb"}, check=True).stdout
+    flat = [ln.strip(" │") for ln in out.splitlines()]
+    assert any("graph, so residual adds" in ln for ln in flat)  # "graph, so" ended a line before
+    port = [ln.strip(" │") for ln in run_vcc("port", "--help", env={"COLUMNS": "80"}, check=True).stdout.splitlines()]
+    assert "error" not in port  # no one-word line (the docstring broke after "printed; error")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from typing import Annotated, Any
 
@@ -107,8 +108,36 @@ def root(
     state.quiet = quiet
 
 
+def _reflow(doc: str | None) -> str | None:
+    """A docstring as help text: each paragraph's lines joined, so rich wraps it to the terminal.
+
+    Typer keeps the single line breaks of every paragraph after the first, which at 80 columns
+    leaves one-word lines. Paragraphs that are lists or indented blocks keep their breaks.
+    """
+    if not doc:
+        return doc
+    out = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines = para.splitlines()
+        if para.startswith("\b") or any(ln.startswith((" ", "-", "*", "|")) for ln in lines):
+            out.append(para)
+        else:
+            out.append(" ".join(ln.strip() for ln in lines))
+    return "\n\n".join(out)
+
+
+def _reflow_help(t: typer.Typer) -> None:
+    for info in t.registered_commands:
+        if info.help is None and info.callback is not None:
+            info.help = _reflow(info.callback.__doc__)
+    for group in t.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
 for _name in COMMANDS:
     importlib.import_module(f"vcc.commands.{_name}").register(app)
+_reflow_help(app)
 
 
 def main(argv: list[str] | None = None) -> None:
