@@ -246,6 +246,7 @@ def main() -> None:
         runtime.append({"method": label, "threshold": thr, "accuracy": r["accuracy"], "latency_ms": round(r["latency_ms"], 2),
                         "macs": r["macs"], "exits": [round(e["share"], 3) for e in r["exits"]]})
     timings["runtime_s"] = time.perf_counter() - t
+    vsplit = "val" if args.holdout > 0 else "test"
     out = {
         "bench": "exits",
         "quick": args.quick,
@@ -255,9 +256,10 @@ def main() -> None:
             "holdout": args.holdout, "ic_epochs": args.ic_epochs, "ic_lr": args.ic_lr, "lambda": args.lam, "iters": args.iters,
             "thresholds": args.thresholds if args.thresholds != "fine" else f"fine ({len(thresholds)} values)", "threads": torch.get_num_threads(),
         },
-        "backbone_test_top1": base_top1,
+        # fit()'s per-epoch validation: the test split, or val with --holdout
+        f"backbone_{vsplit}_top1": base_top1,
         "exit_macs": doc["exits"],  # run_wise's exit_macs table of the same model
-        "ic_test_top1": {"exits": [r["stage"] for r in doc["exits"]], **ic_acc},
+        f"ic_{vsplit}_top1": {"exits": [r["stage"] for r in doc["exits"]], **ic_acc},
         "full": doc["full"],
         "wise_weights": doc["wise_weights"],
         "goals": g,
