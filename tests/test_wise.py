@@ -178,5 +178,7 @@ def test_vcc_wise_fits_on_a_held_out_val_split(session_ws, tiny_synthetic: Path,
     assert n_val > 0 and len(tensors["val_video_idx"].unique()) == n_val
     assert tensors["val_logits"].shape[1] == len(tensors["val_labels"])
     assert on_val["methods"]["vanilla"] == on_train["methods"]["vanilla"]  # the same test sweep
-    res = CliRunner().invoke(app, ["wise", str(multi_exit_model), "--data", str(tiny_synthetic), "--fit-split", "val"])
+    res = CliRunner().invoke(app, ["-w", str(session_ws.root), "wise", str(multi_exit_model), "--data", str(tiny_synthetic),
+                                   "--fit-split", "val", "--name", "no-val"])
     assert res.exit_code == 2 and "no val split" in res.output
+    assert not (session_ws.root / "runs" / "no-val").exists()  # nothing written

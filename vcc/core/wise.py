@@ -187,7 +187,7 @@ def run_wise(
     """Save per-exit logits (train, test), fit WISE, sweep thresholds, write CSV/JSON/PNG in `run_dir`.
 
     WISE's weights are fitted on `fit_split`'s logits: "train" (the paper's choice) or "val", a
-    split the exits never trained on (`vcc prepare --holdout`), where they are not overconfident.
+    split the exits never trained on (`vcc prepare --holdout`).
 
     Returns ``{"full": {"accuracy", "macs"}, "methods": {"wise"|"vanilla"|"constant": [rows]},
     "exits": [{exit, stage, macs}], "wise_weights": [[...]], "files": {...}}``.
@@ -207,13 +207,13 @@ def run_wise(
     table, backbone_macs = exit_macs_and_backbone(model, meta)
     cum = [float(r["macs"]) for r in table]
     full_macs = float(backbone_macs)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     if fit_split not in ("train", "val"):
         raise UsageError(f"--fit-split must be train or val, got {fit_split!r}")
     if fit_split == "val" and not info.counts.get("val"):
         raise UsageError(f"dataset {info.name!r} has no val split (prepare it with --holdout R to fit WISE on held-out videos)")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
     tensors: dict[str, torch.Tensor] = {}
     for split in dict.fromkeys((fit_split, "train", "test")):
         if not info.split(split):
