@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     def eval_(
         model: Annotated[str, typer.Argument(help="Model artefact (.safetensors) or run name (RUN, RUN:best, RUN:last).")],
         data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset name or folder.")],
-        split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate.")] = "test",
+        split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate: test, train, or val where prepared with --holdout.")] = "test",
         clips: Annotated[int, typer.Option("--clips", "-k", help="Evenly spaced clips per video (video score = mean clip softmax).")] = 3,
         crops: Annotated[int, typer.Option("--crops", help="Spatial crops per clip: 1 (centre) or 3.")] = 1,
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per batch.")] = 8,
