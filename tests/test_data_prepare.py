@@ -274,6 +274,11 @@ def test_prepare_synthetic_cli(ws: Workspace) -> None:
     doc = json.loads(proc.stdout)
     assert doc == {"name": "syn", "classes": ["up", "down", "sideways"], "counts": {"train": 9, "test": 3}, "skipped": []}
     assert load_dataset(ws.dataset_dir("syn")).counts == {"train": 9, "test": 3}
+    held = json.loads(run_vcc("prepare", "synthetic", "--classes", "3", "--videos-per-class", "4", "--frames", "8", "--size", "32",
+                              "--holdout", "0.34", "--name", "syn-held", "--format", "json", check=True, timeout=120).stdout)
+    assert held["counts"] == {"train": 6, "test": 3, "val": 3}  # one of each class's three training videos
+    a, b = load_dataset(ws.dataset_dir("syn")), load_dataset(ws.dataset_dir("syn-held"))
+    assert [(Path(e.path).name, e.split) for e in a.entries if e.split == "test"] == [(Path(e.path).name, e.split) for e in b.entries if e.split == "test"]
     bad = run_vcc("prepare", "synthetic", "--size", "33", "--name", "x")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --size must be an even number >= 16, got 33"]
     # the CLI's defaults are the library's defaults

@@ -123,12 +123,13 @@ def register(app: typer.Typer) -> None:
         frames: Annotated[int, typer.Option("--frames", min=4, help="Frames per video.")] = 40,
         size: Annotated[int, typer.Option("--size", min=16, help="Frame width and height in pixels (even).")] = 64,
         seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same videos).")] = 0,
+        holdout: HoldoutOpt = 0.0,
         name: NameOpt = None,
         fmt: FormatOpt = Format.table,
     ) -> None:
         """Generate the built-in motion dataset: shapes whose motion (not looks) gives the class."""
         from vcc.core.data.synthetic import prepare_synthetic
 
-        _run(prepare_synthetic, fmt, name=name or "synthetic", classes=classes, videos_per_class=videos_per_class, frames=frames, size=size, seed=seed)
+        _run(prepare_synthetic, fmt, name=name or "synthetic", classes=classes, videos_per_class=videos_per_class, frames=frames, size=size, seed=seed, holdout=holdout)
 
     app.add_typer(sub, name="prepare", help="Prepare a dataset (ucf101, hmdb51, ucf11, folder, synthetic) into the workspace.")

@@ -53,10 +53,12 @@ def prepare_synthetic(
     size: int = DEFAULTS["size"],
     seed: int = DEFAULTS["seed"],
     progress: ProgressFn | None = None,
+    holdout: float = 0.0,
 ) -> PrepareResult:
     """Generate `classes` x `videos_per_class` videos into ``datasets/<name>/`` (75/25 split).
 
     Deterministic in `seed`; re-running with the same options reuses the existing dataset.
+    `holdout` > 0 moves that share of each class's training videos to a "val" split.
     """
     if not 2 <= classes <= len(MOTIONS):
         raise UsageError(f"--classes must be between 2 and {len(MOTIONS)}, got {classes}")
@@ -67,7 +69,11 @@ def prepare_synthetic(
     if size < 16 or size % 2:
         raise UsageError(f"--size must be an even number >= 16, got {size}")
     folder = ws.dataset_dir(name)
+    if not 0.0 <= holdout < 1.0:
+        raise UsageError(f"--holdout must be in [0, 1), got {holdout}")
     options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 8}
+    if holdout > 0:
+        options["holdout"] = holdout
     existing = _reuse(folder, options)
     if existing is not None:
         return existing
@@ -89,6 +95,10 @@ def prepare_synthetic(
                 done += 1
                 if progress:
                     progress("generate", done, total, {"class": motion})
+        if holdout > 0:
+            from vcc.core.data.prepare import hold_out
+
+            hold_out(entries, class_names, holdout)
         counts = write_dataset(tmp, name, class_names, entries, source="synthetic", options=options)
     return PrepareResult(name, folder, class_names, counts, [])
 
