@@ -138,6 +138,26 @@ def test_interrupt_keeps_resumable_checkpoint(tmp_path) -> None:
     assert [h["epoch"] for h in res.history] == [1, 2] and res.history[0]["hook"] == 0
 
 
+def test_ctrl_c_stops_at_a_batch_boundary_not_inside_running_code(tmp_path) -> None:
+    """A real SIGINT only flags the stop: code running when it lands (here an epoch hook; in the wild
+    decord's VideoReader.__del__, which swallowed it) finishes, and fit stops at the next batch."""
+    model, meta = _tiny()
+    cfg = TrainConfig(epochs=3, device="cpu", warmup=0, workers=0)
+    finished = []
+
+    def hook(epoch: int, m: nn.Module) -> dict:
+        os.kill(os.getpid(), signal.SIGINT)
+        finished.append(epoch)  # with Python's default handler, KeyboardInterrupt is raised above
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, meta, _memory_loaders(), cfg, tmp_path, epoch_hook=hook)
+    assert finished == [0]
+    doc = read_doc(tmp_path / "checkpoint.safetensors")
+    assert doc["interrupted"] == {"epoch": 1, "batch": 0} and doc["epoch"] == 1 and len(doc["history"]) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 def test_ctrl_c_exits_130_with_checkpoint(ws, tiny_synthetic) -> None:
     env = {**os.environ, "VCC_HOME": str(ws.root)}
     proc = subprocess.Popen([sys.executable, "-m", "vcc", "train", "--data", str(tiny_synthetic), "--name", "cc", "--epochs", "1000",

@@ -481,6 +481,46 @@ def fit(
             dist.destroy_process_group()
 
 
+class _DeferredInterrupt:
+    """Ctrl-C during training stops at the next batch boundary instead of wherever Python is.
+
+    With the default handler, a SIGINT that lands in a library finaliser (decord's
+    ``VideoReader.__del__``) is printed as "Exception ignored" and lost, and the run goes on. Here
+    the first Ctrl-C only sets `requested` (the loop raises KeyboardInterrupt at a safe point and
+    checkpoints); a second one raises at once. Installed only in the main thread over the default
+    handler, so embedding applications keep theirs. Forked loader workers inherit the handler and
+    ignore the signal: the main process shuts them down when it stops.
+    """
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.requested = False
+        self._signal = signal
+        self._previous = signal.getsignal(signal.SIGINT)
+        self._pid = os.getpid()
+        self._installed = threading.current_thread() is threading.main_thread() and self._previous is signal.default_int_handler
+        if self._installed:
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked loader worker: the main process stops it at the batch boundary
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        try:  # a raw write: a signal handler must not re-enter the progress display
+            os.write(2, b"\nstopping after this batch (Ctrl-C again to stop now)\n")
+        except OSError:
+            pass
+
+    def restore(self) -> None:
+        if self._installed:
+            self._signal.signal(self._signal.SIGINT, self._previous)
+            self._installed = False
+
+
 def _fit(
     model: nn.Module,
     meta: ModelMeta,
@@ -552,8 +592,12 @@ def _fit(
     stop_at = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     epoch = start_epoch
     batch_i = 0
+    ctrl_c = _DeferredInterrupt() if dd.world == 1 else None
     try:
         for epoch in range(start_epoch, stop_at):
+            batch_i = 0
+            if ctrl_c and ctrl_c.requested:
+                raise KeyboardInterrupt
             _seed_epoch(loaders.train, cfg.seed, epoch)
             train_model.train()
             _keep_frozen_bn_eval(raw)
@@ -566,6 +610,8 @@ def _fit(
             # A batch of one has no batch statistics: training BatchNorm on it fails, so skip it.
             bn_training = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in raw.modules())
             for batch_i, batch in enumerate(loaders.train):
+                if ctrl_c and ctrl_c.requested:
+                    raise KeyboardInterrupt
                 if cfg.max_batches and batch_i >= cfg.max_batches:
                     break
                 if bn_training and int(batch[1].shape[0]) < 2:
@@ -635,12 +681,22 @@ def _fit(
                 import torch.distributed as dist
 
                 dist.barrier()
+    except Exception as exc:
+        # A loader worker killed by the same Ctrl-C surfaces as a RuntimeError: it is the interrupt.
+        if not (ctrl_c and ctrl_c.requested):
+            raise
+        if dd.main:
+            _save_checkpoint(ckpt_path, raw, out_meta, cfg, optimizer, scheduler, scaler, loaders.train, epoch, history, best,
+                             {"epoch": epoch, "batch": batch_i})
+        raise KeyboardInterrupt from exc
     except KeyboardInterrupt:
         if dd.main:
             _save_checkpoint(ckpt_path, raw, out_meta, cfg, optimizer, scheduler, scaler, loaders.train, epoch, history, best,
                              {"epoch": epoch, "batch": batch_i})
         raise
     finally:
+        if ctrl_c:
+            ctrl_c.restore()
         if undo_stem is not None:
             undo_stem()
     _write_weights_hash(raw, dd)
