@@ -463,7 +463,8 @@ def fit(
     `epoch_hook(epoch, model) -> dict` adds metrics to each epoch's record. Parameters with
     ``requires_grad=False`` stay frozen; buffers (masks) are never trained. With `resume=True`
     training continues from ``run_dir/checkpoint.safetensors`` (or from `checkpoint`, its
-    already-loaded ``(parts, doc)``). KeyboardInterrupt saves a resumable checkpoint, then propagates.
+    already-loaded ``(parts, doc)``). KeyboardInterrupt saves a resumable checkpoint, then propagates;
+    in the main thread a first Ctrl-C takes effect at the next batch boundary (see _DeferredInterrupt).
     """
     cfg.validate()
     run_dir = Path(run_dir)
