@@ -64,13 +64,13 @@ def register(app: typer.Typer) -> None:
         name = "confusion.csv" if path.name == "model.safetensors" else f"{path.stem}.confusion.csv"
         lines = ["true\\pred," + ",".join(info.classes)]
         lines += [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(info.classes, res["confusion"], strict=True)]
-        cm_path = Path(path).with_name(name)
+        cm_path, csv_text = Path(path).with_name(name), "\n".join(lines) + "\n"
         try:
-            atomic_write_text(cm_path, "\n".join(lines) + "\n")
+            atomic_write_text(cm_path, csv_text)
         except OSError:
             cm_path = ws.root / "evals" / (f"{path.parent.name}.{name}" if name == "confusion.csv" else name)
             cm_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cm_path, "\n".join(lines) + "\n")
+            atomic_write_text(cm_path, csv_text)
         res["confusion_csv"] = str(cm_path)
         res["model"] = str(path)
         res["dataset"] = info.name

@@ -24,6 +24,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -494,11 +496,7 @@ class _DeferredInterrupt:
     """
 
     def __init__(self) -> None:
-        import signal
-        import threading
-
         self.requested = False
-        self._signal = signal
         self._previous = signal.getsignal(signal.SIGINT)
         self._pid = os.getpid()
         self._installed = threading.current_thread() is threading.main_thread() and self._previous is signal.default_int_handler
@@ -518,7 +516,7 @@ class _DeferredInterrupt:
 
     def restore(self) -> None:
         if self._installed:
-            self._signal.signal(self._signal.SIGINT, self._previous)
+            signal.signal(signal.SIGINT, self._previous)
             self._installed = False
 
 
@@ -682,19 +680,16 @@ def _fit(
                 import torch.distributed as dist
 
                 dist.barrier()
-    except Exception as exc:
-        # A loader worker killed by the same Ctrl-C surfaces as a RuntimeError: it is the interrupt.
-        if not (ctrl_c and ctrl_c.requested):
+    except (KeyboardInterrupt, Exception) as exc:
+        # After a Ctrl-C, a loader worker killed by the same signal surfaces as a RuntimeError: the interrupt too.
+        if not isinstance(exc, KeyboardInterrupt) and not (ctrl_c and ctrl_c.requested):
             raise
         if dd.main:
             _save_checkpoint(ckpt_path, raw, out_meta, cfg, optimizer, scheduler, scaler, loaders.train, epoch, history, best,
                              {"epoch": epoch, "batch": batch_i})
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         raise KeyboardInterrupt from exc
-    except KeyboardInterrupt:
-        if dd.main:
-            _save_checkpoint(ckpt_path, raw, out_meta, cfg, optimizer, scheduler, scaler, loaders.train, epoch, history, best,
-                             {"epoch": epoch, "batch": batch_i})
-        raise
     finally:
         if ctrl_c:
             ctrl_c.restore()

@@ -652,7 +652,8 @@ def summarise(model: nn.Module, meta: Any, data: Any, job: PruneJob, progress: P
 
 
 def _finetune(model: nn.Module, meta: Any, data: Any, job: PruneJob, run_dir: Any, step: int,
-              progress: ProgressFn | None) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
+              progress: ProgressFn | None) -> tuple[nn.Module, Any, list[dict[str, Any]], str | None]:
+    """Finetune one step's model: (model, meta, per-epoch history, the split that chose its epoch)."""
     import dataclasses
     import shutil
 
@@ -664,9 +665,9 @@ def _finetune(model: nn.Module, meta: Any, data: Any, job: PruneJob, run_dir: An
     sub = run_dir / f".finetune-{step}"
     res = fit(model, meta, data, cfg, sub, progress=progress)
     tuned, tuned_meta = load_model(res.model_path)
-    hist = [{"step": step, **h, "selected_on": res.selected_on} for h in res.history]
+    hist = [{"step": step, **h} for h in res.history]
     shutil.rmtree(sub, ignore_errors=True)
-    return tuned, tuned_meta, hist
+    return tuned, tuned_meta, hist, res.selected_on
 
 
 def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -738,11 +739,10 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
             model = out.model
             record.update({"macs": out.macs, "params": out.params, "removed": out.removed})
         if job.finetune_epochs:
-            model, meta, hist = _finetune(model, meta, data, job, run_dir, t, progress)
+            model, meta, hist, record["selected_on"] = _finetune(model, meta, data, job, run_dir, t, progress)
             history += hist
             if hist:
                 record["finetune_val_top1"] = hist[-1].get("val_video_top1", hist[-1].get("val_top1"))
-                record["selected_on"] = hist[-1]["selected_on"]
         steps_log.append(record)
         if progress:
             progress("prune steps", t, job.steps, {"macs": record.get("macs", "")})
