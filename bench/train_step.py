@@ -1,7 +1,8 @@
 """Training-step throughput and model FLOP utilisation (MFU), AMP vs fp32.
 
 Usage: python bench/train_step.py [--arch r3d_18] [--frames 16] [--size 112] [--batch B] [--steps N]
-                                  [--device auto|cpu|cuda] [--compile] [--stem auto|plain|s2d] [--peak-tflops X] [--quick]
+                                  [--device auto|cpu|cuda] [--compile] [--stem auto|plain|s2d]
+                                  [--layout auto|all|contiguous] [--peak-tflops X] [--quick]
 
 In-memory uint8 batches (normalised on the device, as in `vcc train`), so the model is measured,
 not the decoder. One step = forward + backward + SGD update, the same autocast / GradScaler /
@@ -70,12 +71,14 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float:
 
 
 def run(arch: str, frames: int, size: int, batch: int, steps: int, warmup: int, device: torch.device, amp: bool,
-        classes: int = 101, compile: bool = False, compile_mode: str | None = None, stem: str = "auto") -> dict:
+        classes: int = 101, compile: bool = False, compile_mode: str | None = None, stem: str = "auto",
+        layout: str = "auto") -> dict:
     from vcc.core.artefact import input_spec
     from vcc.core.models import build_model
     from vcc.core.training import (
         amp_dtype,
         autocast,
+        channels_last_convs,
         has_conv3d,
         prepare_input,
         space_to_depth_stem,
@@ -86,9 +89,12 @@ def run(arch: str, frames: int, size: int, batch: int, steps: int, warmup: int, 
     dtype = amp_dtype(device) if amp else None
     if amp and device.type == "cpu":
         dtype = torch.bfloat16  # CPU autocast, for completeness; fit() does not use it
-    channels_last = device.type == "cuda" and dtype is not None and has_conv3d(model) and not compile  # as fit()
+    channels_last = device.type == "cuda" and dtype is not None and has_conv3d(model) and layout != "contiguous"  # as fit()
     if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+        if layout == "all":  # every weight, ambiguous layouts too (what fit did before; broke --compile on tiny inputs)
+            model = model.to(memory_format=torch.channels_last_3d)
+        else:
+            channels_last_convs(model, torch.zeros(1, 3, frames, size, size, device=device).contiguous(memory_format=torch.channels_last_3d))
     if stem == "auto":
         stem = "s2d" if device.type == "cuda" and dtype is not None else "plain"  # as fit() does
     if stem == "s2d":
@@ -127,7 +133,7 @@ def run(arch: str, frames: int, size: int, batch: int, steps: int, warmup: int, 
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
     precision = str(dtype).removeprefix("torch.") if dtype else ("tf32" if device.type == "cuda" else "fp32")
-    return {"precision": precision, "compile": (compile_mode or True) if compile else False, "stem": stem, "batch": batch, "steps": steps,
+    return {"precision": precision, "compile": (compile_mode or True) if compile else False, "stem": stem, "layout": layout if channels_last else "contiguous", "batch": batch, "steps": steps,
             "step_ms": round(1000 * dt / steps, 2), "clips_per_s": round(batch * steps / dt, 4)}
 
 
@@ -144,6 +150,9 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--stem", choices=["auto", "plain", "s2d"], default="auto",
                     help="how the RGB input conv runs: as fit() does (auto: space-to-depth on the CUDA AMP path), as is, or space-to-depth")
+    ap.add_argument("--layout", choices=["auto", "all", "contiguous"], default="auto",
+                    help="conv weights on the CUDA AMP path: as fit() does (auto: channels_last_3d where unambiguous), "
+                         "all channels_last_3d, or all contiguous")
     ap.add_argument("--amp-only", action="store_true", help="skip the fp32 measurement")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak (same for both precisions)")
     ap.add_argument("--no-cpu-amp", action="store_true", help="on CPU, skip the bf16 autocast measurement")
@@ -170,7 +179,7 @@ def main() -> None:
     ceiling = round(matmul_tflops(device), 1) if cuda else None
     for amp in modes:
         r = run(args.arch, args.frames, args.size, batch, steps, warmup, device, amp, compile=args.compile or bool(args.compile_mode),
-                compile_mode=args.compile_mode, stem=args.stem)
+                compile_mode=args.compile_mode, stem=args.stem, layout=args.layout)
         achieved = r["clips_per_s"] * flops_per_clip / 1e12
         peak = args.peak_tflops or (peak_tflops(name, amp) if cuda else None)
         r.update({"amp": amp, "achieved_tflops": round(achieved, 4), "peak_tflops": peak,

@@ -350,3 +350,27 @@ def test_space_to_depth_stem_is_the_same_function(arch: str) -> None:
     undo()
     assert "forward" not in vars(stem)
     assert set(model.state_dict()) == set(build_model(arch, num_classes=3, **SMALL_OPTIONS.get(arch, {})).state_dict())
+
+
+def test_channels_last_convs_skips_layers_with_a_size_one_axis() -> None:
+    """fit() stores conv weights channels_last_3d on CUDA, except where an activation axis has size 1.
+
+    At 8x32x32 r3d_tiny's layer3 ends 1 frame deep and layer4 is 1x1x1: a channels_last weight there
+    made inductor's compiled backward assert strides cuDNN did not produce (H100, `vcc train --compile`).
+    """
+    from vcc.core.training import channels_last_convs
+
+    torch.manual_seed(0)
+    model = build_model("r3d_tiny", num_classes=3).train()
+    x = torch.randn(2, 3, 8, 32, 32)
+    ref = model.eval()(x)
+    model.train()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm3d))
+    stats = bn.running_mean.clone()
+    n = channels_last_convs(model, x[:1].contiguous(memory_format=torch.channels_last_3d))
+    assert model.training and torch.equal(bn.running_mean, stats)  # shapes found in eval mode, nothing updated
+    cl = {name for name, m in model.named_modules() if isinstance(m, nn.Conv3d) and m.weight[0, 0].numel() > 1
+          and m.weight.is_contiguous(memory_format=torch.channels_last_3d)}  # 1x1x1 kernels are both layouts at once
+    assert cl == {"conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2"}
+    assert n == len(cl) + 1  # and layer2's 1x1x1 shortcut; layer3 and layer4 touch 1-deep or 1x1x1 activations
+    assert torch.allclose(model.eval()(x), ref, atol=1e-5)
