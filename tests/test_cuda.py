@@ -106,8 +106,9 @@ def test_space_to_depth_stem_matches_on_cuda_amp_channels_last() -> None:
     assert ((g1 - g0).norm() / g0.norm()).item() < 1e-2
 
 
-def test_compiled_cuda_training_through_the_cli(ws, tiny_synthetic) -> None:
-    proc = run_vcc("train", "--data", str(tiny_synthetic), "--name", "gc", *FAST, "--device", "cuda", "--compile", "-f", "json", check=True)
+@pytest.mark.parametrize("flags", [["--compile"], ["--compile-mode", "max-autotune-no-cudagraphs"]], ids=["default", "max-autotune"])
+def test_compiled_cuda_training_through_the_cli(ws, tiny_synthetic, flags: list[str]) -> None:
+    proc = run_vcc("train", "--data", str(tiny_synthetic), "--name", "gc", *FAST, "--device", "cuda", *flags, "-f", "json", check=True)
     doc = json.loads(proc.stdout)
     model, _ = load_model(doc["model"])
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())

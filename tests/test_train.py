@@ -295,6 +295,7 @@ def _state_model(model: nn.Module) -> dict[str, torch.Tensor]:
         (["train", "--data", "nope"], 1, "dataset 'nope' not found"),
         (["train", "--resume", "ghost"], 1, "no resumable run 'ghost'"),
         (["train", "--data", "{data}", "--optimizer", "adam"], 2, "--optimizer must be one of"),
+        (["train", "--data", "{data}", "--compile-mode", "fast"], 2, "--compile-mode must be one of"),
         (["train", "--data", "{data}", "--arch", "resnet9000"], 2, "unknown arch"),
         (["train", "--data", "{data}", "--device", "cuda:7"], 2, "--device"),
         (["train"], 2, "--data NAME is required"),

@@ -9,6 +9,7 @@ import typer
 
 from vcc.commands._common import (
     AmpOpt,
+    CompileModeOpt,
     CompileOpt,
     DeviceOpt,
     Format,
@@ -44,6 +45,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = "auto",
         amp: AmpOpt = True,
         compile_: CompileOpt = False,
+        compile_mode: CompileModeOpt = None,
         seed: SeedOpt = 0,
         teacher: TeacherOpt = None,
         kd_temperature: KdTemperatureOpt = 4.0,
@@ -70,7 +72,7 @@ def register(app: typer.Typer) -> None:
         ws = workspace()
         cfg = TrainConfig(
             frames=0, size=0, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-            warmup=warmup, weight_decay=weight_decay, workers=workers, device=device, amp=amp, compile=compile_,
+            warmup=warmup, weight_decay=weight_decay, workers=workers, device=device, amp=amp, compile=compile_, compile_mode=compile_mode,
             seed=seed, kd_temperature=kd_temperature, kd_alpha=kd_alpha, max_batches=max_batches,
         )
         try:

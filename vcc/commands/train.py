@@ -9,6 +9,7 @@ import typer
 
 from vcc.commands._common import (
     AmpOpt,
+    CompileModeOpt,
     CompileOpt,
     DeviceOpt,
     Format,
@@ -46,6 +47,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = "auto",
         amp: AmpOpt = True,
         compile_: CompileOpt = False,
+        compile_mode: CompileModeOpt = None,
         seed: SeedOpt = 0,
         init: Annotated[str | None, typer.Option("--init", help="Initial weights: a vcc model/run, or a third-party .pth/.safetensors.")] = None,
         teacher: TeacherOpt = None,
@@ -100,7 +102,7 @@ def register(app: typer.Typer) -> None:
                     cfg = TrainConfig(
                         frames=frames, size=size, epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
                         schedule=schedule, warmup=warmup, weight_decay=weight_decay, workers=_auto_workers(device) if workers is None else workers,
-                        device=device, amp=amp, compile=compile_, seed=seed, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
+                        device=device, amp=amp, compile=compile_, compile_mode=compile_mode, seed=seed, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
                         stop_after=stop_after, max_batches=max_batches,
                     )
                     if exits:

@@ -45,6 +45,7 @@ Criterion = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], "tuple[torch.
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 HASH_ENV = "VCC_WEIGHTS_HASH_DIR"  # tests: every rank writes the sha256 of its final weights here
 
 
@@ -66,6 +67,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + GradScaler); ignored on CPU
     compile: bool = False
+    compile_mode: str | None = None  # a torch.compile mode; implies compile
     seed: int = 0
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5
@@ -97,6 +99,8 @@ class TrainConfig:
             raise UsageError(f"--kd-alpha must be in [0, 1], got {self.kd_alpha}")
         if not self.kd_temperature > 0:
             raise UsageError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise UsageError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -617,8 +621,8 @@ def _fit(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(raw, device_ids=[device.index] if cuda else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    if cfg.compile or cfg.compile_mode:
+        train_model = torch.compile(train_model, mode=None if cfg.compile_mode in (None, "default") else cfg.compile_mode)
     crit = criterion or default_criterion(cfg, teacher)
 
     best_path, last_path, model_path = run_dir / "best.safetensors", run_dir / "last.safetensors", run_dir / "model.safetensors"
