@@ -182,3 +182,19 @@ def test_vcc_wise_fits_on_a_held_out_val_split(session_ws, tiny_synthetic: Path,
                                    "--fit-split", "val", "--name", "no-val"])
     assert res.exit_code == 2 and "no val split" in res.output
     assert not (session_ws.root / "runs" / "no-val").exists()  # nothing written
+
+
+def test_exact_thresholds_trace_every_distinct_decision() -> None:
+    """Any threshold gives the same exits as one of exact_thresholds (a fixed grid would miss most of them)."""
+    from vcc.core.wise import exact_thresholds, exit_decisions
+
+    torch.manual_seed(0)
+    out = torch.randn(3, 40, 5) * 3
+    out[0, :4] = out[0, 4:8]  # tied confidences collapse to one threshold
+    exact = exact_thresholds(out)
+    assert exact[0] == 0.0 and exact == sorted(exact) and len(exact) == 1 + 36 + 40
+    decisions = {tuple(exit_decisions(out, t).tolist()) for t in exact}
+    conf = F.softmax(out[:-1], -1).amax(-1).flatten()
+    probes = torch.rand(500).tolist() + conf.tolist() + (conf - 1e-7).tolist() + [0.999999, 1.0, 1.1]
+    seen = {tuple(exit_decisions(out, t).tolist()) for t in probes}
+    assert seen == decisions and len(decisions) > 40

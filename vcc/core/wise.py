@@ -128,6 +128,17 @@ def exit_decisions(outputs: torch.Tensor, threshold: float) -> torch.Tensor:
     return conf.int().argmax(0)
 
 
+def exact_thresholds(outputs: torch.Tensor) -> list[float]:
+    """Every threshold that can change a decision on these (E, N, C) outputs: 0 and each early exit's distinct confidence.
+
+    A sample leaves exit k when its confidence is > the threshold, so sweeping these values traces the
+    method's whole accuracy-vs-MACs curve on this data: any other threshold gives the exits one of
+    them gives (some of them give the same exits as another).
+    """
+    conf = F.softmax(outputs[:-1].float(), dim=-1).amax(-1)
+    return [0.0, *torch.unique(conf).tolist()]
+
+
 def ensemble_macs(cum_macs: Sequence[float], num_classes: int, ensemble: bool) -> list[float]:
     """Cumulative MACs per exit, plus the ensembles' weighted sums (k*C at exit k) when `ensemble`."""
     out, extra = [], 0
