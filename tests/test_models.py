@@ -374,3 +374,16 @@ def test_channels_last_convs_skips_layers_with_a_size_one_axis() -> None:
     assert cl == {"conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2"}
     assert n == len(cl) + 1  # and layer2's 1x1x1 shortcut; layer3 and layer4 touch 1-deep or 1x1x1 activations
     assert torch.allclose(model.eval()(x), ref, atol=1e-5)
+
+
+def test_probe_forward_leaves_the_model_as_it_was() -> None:
+    """Hooks are removed and training mode restored, also when the forward fails."""
+    from vcc.core.probe import probe_forward
+
+    model = build_model("r3d_tiny", num_classes=3).train()
+    widths: list[int] = []
+    out = probe_forward(model, torch.randn(1, 3, 8, 32, 32), [(model.layer1, lambda _m, _i, o: widths.append(o.shape[1]))])
+    assert out.shape == (1, 3) and widths == [16] and model.training
+    with pytest.raises(RuntimeError):
+        probe_forward(model, torch.randn(1, 5, 8, 32, 32), [(model.layer1, lambda *_: widths.append(0))])
+    assert model.training and not model.layer1._forward_hooks and widths == [16]

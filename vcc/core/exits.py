@@ -239,24 +239,16 @@ def _probe_input(meta: ModelMeta, batch: int = 1) -> torch.Tensor:
 
 def _probe_stages(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, tuple[int, int]]:
     """One eval-mode forward: for each named module that ran, (completion order, pooled width)."""
+    from vcc.core.probe import probe_forward
+
     modules = dict(model.named_modules())
     seen: dict[str, tuple[int, int]] = {}
-    handles = []
-    for n in names:
-        def hook(_m: nn.Module, _i: Any, out: Any, n: str = n) -> None:
-            if n not in seen:
-                seen[n] = (len(seen), int(global_pool(_feature_of(out)).shape[1]))
 
-        handles.append(modules[n].register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    def hook(_m: nn.Module, _i: Any, out: Any, n: str) -> None:
+        if n not in seen:
+            seen[n] = (len(seen), int(global_pool(_feature_of(out)).shape[1]))
+
+    probe_forward(model, x, [(modules[n], functools.partial(hook, n=n)) for n in names])
     return seen
 
 

@@ -192,22 +192,15 @@ def channels_last_convs(model: nn.Module, example: torch.Tensor) -> int:
     `example` (one batch, on the model's device) is run once in eval mode without gradients to
     find the shapes. Returns the number of convs converted.
     """
+    from vcc.core.probe import probe_forward
+
     shapes: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
         shapes[mod] = (tuple(args[0].shape[2:]), tuple(out.shape[2:]))
 
     convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
-    handles = [m.register_forward_hook(hook) for m in convs]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    probe_forward(model, example, [(m, hook) for m in convs])
     n = 0
     for m in convs:
         sin, sout = shapes.get(m, ((1,), (1,)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,20 +246,15 @@ class Surgeon:
 
     def positions(self, example: torch.Tensor) -> dict[str, int]:
         """Output positions (N*T*H*W, or rows for linear) per conv/linear, from one forward pass."""
+        from vcc.core.probe import probe_forward
+
         pos: dict[str, int] = {}
-        hooks = []
-        for name, m in self.modules.items():
-            if _is_param_layer(m):
-                def fn(mod: nn.Module, _i: Any, out: Any, name: str = name) -> None:
-                    if isinstance(out, torch.Tensor):
-                        pos[name] = out.numel() // max(1, _out_channels(mod))
-                hooks.append(m.register_forward_hook(fn))
-        try:
-            with torch.no_grad():
-                self.model.eval()(example)
-        finally:
-            for h in hooks:
-                h.remove()
+
+        def fn(mod: nn.Module, _i: Any, out: Any, name: str) -> None:
+            if isinstance(out, torch.Tensor):
+                pos[name] = out.numel() // max(1, _out_channels(mod))
+
+        probe_forward(self.model, example, [(m, functools.partial(fn, name=name)) for name, m in self.modules.items() if _is_param_layer(m)])
         self._positions = pos
         return pos
 
