@@ -145,6 +145,26 @@ def test_target_macs_halves_macs_and_errors(tmp_path: Path) -> None:
         prune_to_macs(model, meta, scores, 1.5)
 
 
+def test_macs_target_is_checked_without_scores() -> None:
+    """vcc prune rejects an unreachable --target-macs before it evaluates or ranks anything."""
+    import re
+
+    from vcc.core.compress.prune import check_macs_target, prune_to_macs
+    from vcc.core.errors import VccError
+
+    model, meta, scores = _tiny_scored(2)
+    check_macs_target(model, meta, 0.5)  # reachable: no error
+    check_macs_target(model, meta, 0.05)
+    with pytest.raises(VccError, match="unreachable.*keeping one channel per group") as early:
+        check_macs_target(model, meta, 0.0001)
+    with pytest.raises(VccError) as late:
+        prune_to_macs(model, meta, scores, 0.0001, scope="layer")
+    floor = [float(re.search(r"leaves ([0-9.]+) of the MACs", str(e.value)).group(1)) for e in (early, late)]
+    assert floor[0] == floor[1] > 0.0001  # the same floor as the planner's
+    with pytest.raises(VccError, match=r"keeping 8 channels \(--round-to 8\)"):
+        check_macs_target(model, meta, 0.05, round_to=8)
+
+
 def test_ignore_keeps_layers_and_layer_scope_is_uniform() -> None:
     from vcc.core.compress.prune import prune_channels
 

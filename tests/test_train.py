@@ -296,6 +296,7 @@ def _state_model(model: nn.Module) -> dict[str, torch.Tensor]:
         (["train", "--resume", "ghost"], 1, "no resumable run 'ghost'"),
         (["train", "--data", "{data}", "--optimizer", "adam"], 2, "--optimizer must be one of"),
         (["train", "--data", "{data}", "--compile-mode", "fast"], 2, "--compile-mode must be one of"),
+        (["train", "--data", "{data}", "--name", "neg", "--lr", "-1"], 2, "--lr must be > 0"),
         (["train", "--data", "{data}", "--arch", "resnet9000"], 2, "unknown arch"),
         (["train", "--data", "{data}", "--device", "cuda:7"], 2, "--device"),
         (["train"], 2, "--data NAME is required"),
@@ -309,6 +310,7 @@ def test_bad_input_one_line(ws, tiny_synthetic, args, code, needle) -> None:
     res = runner.invoke(app, ["--workspace", str(ws.root), *args])
     assert res.exit_code == code, res.output
     assert needle in res.output and "Traceback" not in res.output
+    assert not ws.runs_dir.is_dir() or not any(ws.runs_dir.iterdir()), "a failed command left a run folder"
 
 
 def test_class_mismatch_names_both(ws, tiny_synthetic) -> None:

@@ -198,6 +198,7 @@ def _run(ws: Workspace, info: Any, model: nn.Module, meta: ModelMeta, cfg: Train
          teacher: nn.Module | None, teacher_path: str | None, parent: Path | None, command: str, notes: list[str],
          progress: ProgressFn | None) -> RunResult:
     # The callers have matched meta's classes to the dataset's (fit checks them again).
+    cfg.validate()  # before the run folder exists: a bad option leaves nothing behind
     run_name, run_dir = _new_run_dir(ws, name, default_name)
     cfg = dataclasses.replace(cfg, command=command, init=str(parent) if parent else None)
     if _rank() == 0:
@@ -265,6 +266,7 @@ def train_exits_run(
     check_classes(imeta, list(info.classes), model_name=f"model {init!r}", data_name=f"dataset {info.name!r}")
     teacher_paths = [str(ws.resolve_model(t)) for t in teachers]
     stem = init_path.parent.name if init_path.name == "model.safetensors" else init_path.stem
+    cfg.validate()
     run_name, run_dir = _new_run_dir(ws, name, f"{stem}-exits")
     cfg = dataclasses.replace(cfg, command="train-exits", init=str(init_path), frames=cfg.frames or imeta.frames, size=cfg.size or imeta.size)
     atomic_write_json(run_dir / RUN_FILE, {

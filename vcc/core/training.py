@@ -101,6 +101,8 @@ class TrainConfig:
             raise UsageError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise UsageError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
+        if self.device != "auto":
+            resolve_device(self.device)  # a device this machine lacks is a usage error, found before anything is written
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -526,6 +526,32 @@ def group_sizes(model: nn.Module, meta: Any, ignore: list[str] | None = None) ->
     return {g.root: g.size for g in s.groups}
 
 
+def _unreachable(meta: Any, target: float, least: float, round_to: int) -> VccError:
+    floor = "one channel" if round_to <= 1 else f"{round_to} channels (--round-to {round_to})"
+    return VccError(
+        f"MACs target {target:g} is unreachable for {meta.arch}: even keeping {floor} per group leaves "
+        f"{least:.3f} of the MACs (the rest is in layers that cannot be pruned)"
+    )
+
+
+def check_macs_target(model: nn.Module, meta: Any, target: float, ignore: list[str] | None = None, round_to: int = 1) -> None:
+    """VccError when keeping one channel (or `round_to`) in every prunable group still leaves more than `target` of the MACs.
+
+    Needs no scores or data, so `vcc prune` checks it before evaluating and ranking anything.
+    """
+    cur_macs, _ = count_macs(model, meta)
+    s = Surgeon(clone(model).cpu().eval(), example_input(meta), ignore)
+    try:
+        s.positions(example_input(meta))
+        other = cur_macs - s.estimate_macs({})
+        keep = max(1, round_to)
+        least = other + s.estimate_macs({gi: list(g.channels[keep:]) for gi, g in enumerate(s.groups) if g.size > keep})
+    finally:
+        s.finish()
+    if least > target * cur_macs:
+        raise _unreachable(meta, target, least / cur_macs, round_to)
+
+
 def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], target: float, *,
                   scope: str = "global", ignore: list[str] | None = None, base_macs: int | None = None,
                   ratio_of: dict[str, int] | None = None, round_to: int = 1, tol: float = 1e-3,
@@ -559,11 +585,7 @@ def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], 
     least = est(hi)
     if least > goal:
         probe.finish()
-        floor = "one channel" if round_to <= 1 else f"{round_to} channels (--round-to {round_to})"
-        raise VccError(
-            f"MACs target {target:g} is unreachable for {meta.arch}: even keeping {floor} per group leaves "
-            f"{least / base_macs:.3f} of the MACs (the rest is in layers that cannot be pruned)"
-        )
+        raise _unreachable(meta, target, least / base_macs, round_to)
     lo = 0.0
     while hi - lo > tol:
         mid = (lo + hi) / 2
@@ -690,6 +712,8 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
         check_classes(meta, list(data.classes), data_name=f"dataset {data.name!r}")
     if job.finetune_epochs and data is None:
         raise UsageError("--finetune-epochs needs --data")
+    if job.target_macs is not None and job.method != "magnitude":
+        check_macs_target(model, meta, job.target_macs, job.ignore, job.round_to)  # before any evaluation or ranking
     before = summarise(model, meta, data, job, progress)
     steps_log: list[dict[str, Any]] = []
     history: list[dict[str, Any]] = []
