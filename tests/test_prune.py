@@ -175,6 +175,21 @@ def test_ignore_keeps_layers_and_layer_scope_is_uniform() -> None:
     assert out.model.fc.out_features == 4
 
 
+def test_ignore_pattern_that_matches_nothing_is_a_usage_error() -> None:
+    """A typo in --ignore would otherwise prune the very layers the user meant to keep."""
+    from vcc.core.compress.magnitude import candidate_layers
+    from vcc.core.compress.prune import prune_channels
+    from vcc.core.errors import UsageError
+
+    model, meta, scores = _tiny_scored(1)
+    with pytest.raises(UsageError, match=r"--ignore 'layr4\.\*' matches no layer"):
+        prune_channels(model, meta, scores, 0.5, ignore=["layer3.*", "layr4.*"])
+    with pytest.raises(UsageError, match="matches no layer"):
+        candidate_layers(model, meta, ignore=["nope*"])
+    kept = candidate_layers(model, meta, ignore=["layer4"])  # a module name means everything inside it
+    assert kept == candidate_layers(model, meta, ignore=["layer4.*"]) and not any(n.startswith("layer4") for n in kept)
+
+
 def test_agp_schedule() -> None:
     from vcc.core.compress.schedule import agp_targets, macs_targets
 

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         steps: Annotated[int, typer.Option("--steps", min=1, help="Prune in N steps on a cubic (AGP) schedule, finetuning after each.")] = 1,
         finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="Epochs of finetuning after each step (needs --data).")] = 0,
         round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep a multiple of N channels in every pruned layer (e.g. 8: faster kernels on CPU SIMD and GPU tensor cores).")] = 1,
-        ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer-name glob whose output channels are kept (repeatable), e.g. 'layer4.*'.")] = None,
+        ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer-name glob whose output channels are kept (repeatable), e.g. 'layer4.*' or 'layer4' (all inside it).")] = None,
         data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset name or folder: ranking (taylor/oracle), finetuning, accuracy before/after.")] = None,
         batches: Annotated[int, typer.Option("--batches", min=1, help="Batches for taylor/oracle ranking.")] = 8,
         sparsity: Annotated[float | None, typer.Option("--sparsity", help="magnitude: fraction of weights to mask in every conv/linear but the classifier.")] = None,

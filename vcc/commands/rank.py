@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Prune one layer at a time at each --ratios value (no retraining) and evaluate.")] = False,
         ratios: Annotated[str, typer.Option("--ratios", help="Comma-separated pruning ratios for --sensitivity.")] = "0.1,0.25,0.5,0.75",
         clips: Annotated[int, typer.Option("--clips", min=1, help="Clips per test video in --sensitivity evaluations.")] = 1,
-        ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer-name glob to leave out (repeatable).")] = None,
+        ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer-name glob to leave out (repeatable), e.g. 'layer4' (all inside it).")] = None,
         out: Annotated[str | None, typer.Option("--out", "-o", help="Ranking file to write (default: runs/NAME/ranking-METHOD.safetensors).")] = None,
         device: DeviceOpt = "auto",
         name: NameOpt = None,

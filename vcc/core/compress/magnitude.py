@@ -10,7 +10,6 @@ every forward pass, so masked weights stay zero however the optimiser moves ``we
 from __future__ import annotations
 
 import csv
-import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +43,13 @@ def masked_layers(model: nn.Module) -> list[str]:
 
 def candidate_layers(model: nn.Module, meta: Any, ignore: list[str] | None = None) -> list[str]:
     """Conv and linear layers to mask: all but the classifier(s) and `ignore` patterns."""
-    from vcc.core.compress.prune import Surgeon, clone, example_input
+    from vcc.core.compress.prune import Surgeon, clone, example_input, ignored_layers
 
     s = Surgeon(bake(clone(model).cpu()), example_input(meta))
     s.finish()
-    skip = set(s.classifiers)
-    out = []
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and n not in skip:
-            if ignore and any(fnmatch.fnmatchcase(n, p) for p in ignore):
-                continue
-            out.append(n)
-    return out
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    skip = set(s.classifiers) | ignored_layers(layers, ignore)
+    return [n for n in layers if n not in skip]
 
 
 def read_sparsity_csv(path: str | Path) -> dict[str, float]:

@@ -143,8 +143,7 @@ class Surgeon:
             model.train(was_training)
         self._fix_shortcut_concats()
         self.classifiers = self._find_classifiers()
-        patterns = list(ignore or [])
-        self.ignored = {n for n in self.modules if patterns and any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        self.ignored = ignored_layers([n for n, m in self.modules.items() if _is_param_layer(m)], ignore)
         self.ignored |= set(self.classifiers)
         # current position of every original output channel, per module
         self._orig_index: dict[str, list[int]] = {}
@@ -352,6 +351,21 @@ def check_prunable(meta: Any) -> None:
             "exits": "prune the backbone before adding early exits",
         }
         raise UsageError(f"cannot channel-prune a model with wrappers {names}: {hint.get(names[0], 'remove them first')}")
+
+
+def ignored_layers(names: list[str], patterns: list[str] | None) -> set[str]:
+    """The layer names matching any --ignore glob, or inside a module it names ('layer4' = 'layer4.*').
+
+    A pattern that matches no layer is a UsageError: a typo would otherwise prune what it meant to keep.
+    """
+    out: set[str] = set()
+    for p in patterns or []:
+        hit = {n for n in names if n and (fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, p + ".*"))}
+        if not hit:
+            shown = ", ".join([n for n in names if n][:4])
+            raise UsageError(f"--ignore {p!r} matches no layer (names look like {shown}, ...; see `vcc macs MODEL --by-layer`)")
+        out |= hit
+    return out
 
 
 def prunable_layers(model: nn.Module, meta: Any, ignore: list[str] | None = None) -> list[str]:
