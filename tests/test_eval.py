@@ -150,6 +150,7 @@ def test_evaluate_without_latency_and_summary_row(tiny_synthetic, tiny_model) ->
         (["eval", "{model}", "--data", "nope"], 1, "dataset 'nope' not found"),
         (["eval", "ghost-run", "--data", "{data}"], 1, "ghost-run"),
         (["eval", "{model}", "--data", "{data}", "--crops", "2"], 2, "--crops must be 1 or 3"),
+        (["eval", "{model}", "--data", "{data}", "--clips", "0"], 2, "--clips and --batch-size must be >= 1"),
         (["eval", "{model}", "--data", "{data}", "--split", "val"], 1, "'val'"),
         (["eval", "{model}", "--data", "{data}", "--threshold", "0.5"], 2, "multi-exit"),
     ],

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vcc.core.artefact import ModelMeta
-from vcc.core.errors import VccError
+from vcc.core.errors import UsageError, VccError
 from vcc.core.progress import ProgressFn
 from vcc.core.training import (
     amp_dtype,
@@ -194,7 +194,7 @@ def evaluate(
     if crops not in (1, 3):
         raise VccError(f"--crops must be 1 or 3, got {crops}")
     if clips < 1 or batch_size < 1:
-        raise VccError("--clips and --batch-size must be >= 1")
+        raise UsageError("--clips and --batch-size must be >= 1")
     info = dataset_info(data)
     check_classes(meta, list(info.classes), data_name=f"dataset {info.name!r}")
     if not info.split(split):
