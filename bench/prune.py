@@ -221,8 +221,13 @@ def main() -> None:
             key = f"threads_{th}" if rt == "eager" else f"{rt}_threads_{th}"
             latency[key] = {
                 k: {"latency_ms": round(med[k], 3), "latency_min_ms": round(min(lat[k]), 3),
-                    **({} if k == "base" else {"speedup": round(med["base"] / med[k], 3),
-                                               "speedup_over_macs_reduction": round(med["base"] / med[k] / (base_macs / results[k]["macs"]), 3)})}
+                    **({} if k == "base" else {
+                        "speedup": round(med["base"] / med[k], 3),
+                        "speedup_over_macs_reduction": round(med["base"] / med[k] / (base_macs / results[k]["macs"]), 3),
+                        # the same ratio per interleaved round: its spread is the measurement's noise
+                        "per_round_range": [round(min(r), 3), round(max(r), 3)] if (r := [
+                            b / p / (base_macs / results[k]["macs"]) for b, p in zip(lat["base"], lat[k], strict=True)]) else None,
+                    })}
                 for k in lat}
     torch.set_num_threads(2)
     for k in pruned_models:
