@@ -138,7 +138,20 @@ def test_interrupt_keeps_resumable_checkpoint(tmp_path) -> None:
     assert [h["epoch"] for h in res.history] == [1, 2] and res.history[0]["hook"] == 0
 
 
-def test_ctrl_c_stops_at_a_batch_boundary_not_inside_running_code(tmp_path) -> None:
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """Python's KeyboardInterrupt handler, also when pytest runs as a background job (SIGINT ignored from birth)."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _sigint_default() -> None:  # a child's SIGINT as in a terminal, whatever the parent ignores
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_stops_at_a_batch_boundary_not_inside_running_code(tmp_path, sigint_as_in_a_terminal) -> None:
     """A real SIGINT only flags the stop: code running when it lands (here an epoch hook; in the wild
     decord's VideoReader.__del__, which swallowed it) finishes, and fit stops at the next batch."""
     model, meta = _tiny()
@@ -161,7 +174,8 @@ def test_ctrl_c_stops_at_a_batch_boundary_not_inside_running_code(tmp_path) -> N
 def test_ctrl_c_exits_130_with_checkpoint(ws, tiny_synthetic) -> None:
     env = {**os.environ, "VCC_HOME": str(ws.root)}
     proc = subprocess.Popen([sys.executable, "-m", "vcc", "train", "--data", str(tiny_synthetic), "--name", "cc", "--epochs", "1000",
-                             "--workers", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--workers", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_sigint_default)
     ckpt = ws.run_dir("cc") / "checkpoint.json"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:

@@ -266,9 +266,9 @@ def train_exits_run(
     check_classes(imeta, list(info.classes), model_name=f"model {init!r}", data_name=f"dataset {info.name!r}")
     teacher_paths = [str(ws.resolve_model(t)) for t in teachers]
     stem = init_path.parent.name if init_path.name == "model.safetensors" else init_path.stem
-    cfg.validate()
-    run_name, run_dir = _new_run_dir(ws, name, f"{stem}-exits")
     cfg = dataclasses.replace(cfg, command="train-exits", init=str(init_path), frames=cfg.frames or imeta.frames, size=cfg.size or imeta.size)
+    cfg.validate()  # before the run folder exists: a bad option leaves nothing behind
+    run_name, run_dir = _new_run_dir(ws, name, f"{stem}-exits")
     atomic_write_json(run_dir / RUN_FILE, {
         "command": "train-exits", "data": str(info.root), "parent": str(init_path), "exits": exits, "kd": kd,
         "teachers": teacher_paths, "kd_epochs": kd_epochs, "config": cfg.to_json(),
