@@ -113,11 +113,13 @@ def _operating_points(doc: dict, method: str, exact: bool = True) -> list[tuple[
     return pts
 
 
-def compare_frontiers(doc: dict, num_classes: int, exact: bool = True) -> dict:
-    """WISE vs vanilla at every MACs budget (see CRITERION), with McNemar's test on each loss."""
+def compare_frontiers(doc: dict, num_classes: int, pts: dict[str, list], exact: bool = True) -> dict:
+    """WISE vs vanilla at every MACs budget (see CRITERION), with McNemar's test on each loss.
+
+    `pts`: each method's operating points (`_operating_points`), for "vanilla" and "wise".
+    """
     n_exits = len(doc["exits"])
     slack = num_classes * n_exits * (n_exits + 1) // 2
-    pts = {m: _operating_points(doc, m, exact) for m in ("vanilla", "wise")}
 
     def best(method: str, budget: float):
         ok = [p for p in pts[method] if p[0] <= budget * (1 + 1e-9)]
@@ -147,9 +149,11 @@ def goals(doc: dict, num_classes: int, exact: bool = True) -> dict:
     """Check the two goals on a `run_wise` document (on each method's exact trade-off curve, or the sweep's grid)."""
     full_acc, full_macs = doc["full"]["accuracy"], doc["full"]["macs"]
 
+    pts = {m: _operating_points(doc, m, exact) for m in ("vanilla", "wise")}
+
     def best_of(method: str) -> dict:
         if exact:
-            rows = [{"threshold": t, "accuracy": a, "macs": m} for m, a, _, t in _operating_points(doc, method, exact=True)]
+            rows = [{"threshold": t, "accuracy": a, "macs": m} for m, a, _, t in pts[method]]
         else:
             rows = doc["methods"][method]
         ok = [r for r in rows if r["accuracy"] >= full_acc - 0.005]
@@ -157,7 +161,7 @@ def goals(doc: dict, num_classes: int, exact: bool = True) -> dict:
         return {**best, "macs_fraction": best["macs"] / full_macs, "accuracy_gap_points": 100 * (full_acc - best["accuracy"]), "within_0.5pt": bool(ok)}
 
     wise_best, vanilla_best = best_of("wise"), best_of("vanilla")
-    cmp = compare_frontiers(doc, num_classes, exact)
+    cmp = compare_frontiers(doc, num_classes, pts, exact)
     return {
         "frontier": "exact" if exact else "grid",
         "wise_best": wise_best,

@@ -54,21 +54,7 @@ def tp_magnitude_prune(model, meta, target: float, base_macs: int):
     return best[0], best[1], hi
 
 
-def _time_ms(fn, x, warmup: int, runs: int) -> float:
-    """Median wall time in ms of fn(x) after warm-up."""
-    import torch
-
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            t0 = time.perf_counter()
-            fn(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times)
-
-
-def _runtime_forms(runtime: str, models: dict, x, threads: list[int], tmp: Path) -> dict:
+def _runtime_forms(runtime: str, models: dict, meta, x, threads: list[int], tmp: Path) -> dict:
     """{(model key, threads): callable x -> output} for one runtime (compiled/exported once per model)."""
     import torch
 
@@ -85,15 +71,16 @@ def _runtime_forms(runtime: str, models: dict, x, threads: list[int], tmp: Path)
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
+        from vcc.core.compress.port import export_onnx
+
         out = {}
         for k, m in models.items():
-            path = tmp / f"latency-{k}.onnx"
-            torch.onnx.export(m, (x,), str(path), input_names=["x"], dynamo=False)
+            path = Path(export_onnx(m, meta, tmp / f"latency-{k}.onnx")["path"])  # what `vcc port --onnx` writes
             for th in threads:
                 so = ort.SessionOptions()
                 so.intra_op_num_threads, so.inter_op_num_threads = th, 1
                 sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-                out[(k, th)] = (lambda s: lambda t: s.run(None, {"x": t.numpy()}))(sess)
+                out[(k, th)] = (lambda s: lambda t: s.run(None, {"clip": t.numpy()}))(sess)
         return out
     raise SystemExit(f"--latency-runtimes: unknown runtime {runtime!r} (eager, compile, onnxruntime)")
 
@@ -136,7 +123,7 @@ def main() -> None:
     from vcc.core.compress.rank import rank
     from vcc.core.data.manifest import load_dataset
     from vcc.core.data.synthetic import prepare_synthetic
-    from vcc.core.evaluate import evaluate, inference_form
+    from vcc.core.evaluate import evaluate, inference_form, median_ms
     from vcc.core.models import build_model
     from vcc.core.training import TrainConfig, fit
     from vcc.core.workspace import Workspace
@@ -208,7 +195,7 @@ def main() -> None:
     timed = {k: inference_form(m.cpu().eval(), x) if fold else m.cpu() for k, m in {"base": base, **pruned_models}.items()}  # folded once
     runtimes = [r.strip() for r in args.latency_runtimes.split(",") if r.strip()]
     threads = [int(t) for t in args.latency_threads.split(",") if t.strip()]
-    forms = {rt: _runtime_forms(rt, timed, x, threads, Path(ws.root)) for rt in runtimes}
+    forms = {rt: _runtime_forms(rt, timed, meta, x, threads, Path(ws.root)) for rt in runtimes}
     latency: dict[str, dict] = {}
     for rt in runtimes:
         for th in threads:
@@ -216,7 +203,7 @@ def main() -> None:
             lat: dict[str, list[float]] = {k: [] for k in timed}
             for _ in range(args.latency_rounds):
                 for k in timed:
-                    lat[k].append(_time_ms(forms[rt][(k, th)], x, warmup=5, runs=args.latency_runs))
+                    lat[k].append(median_ms(forms[rt][(k, th)], x, warmup=5, runs=args.latency_runs))
             med = {k: statistics.median(v) for k, v in lat.items()}
             key = f"threads_{th}" if rt == "eager" else f"{rt}_threads_{th}"
             latency[key] = {

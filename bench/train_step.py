@@ -94,7 +94,7 @@ def run(arch: str, frames: int, size: int, batch: int, steps: int, warmup: int, 
         if layout == "all":  # every weight, ambiguous layouts too (what fit did before; broke --compile on tiny inputs)
             model = model.to(memory_format=torch.channels_last_3d)
         else:
-            channels_last_convs(model, torch.zeros(1, 3, frames, size, size, device=device).contiguous(memory_format=torch.channels_last_3d))
+            channels_last_convs(model, (3, frames, size, size))
     if stem == "auto":
         stem = "s2d" if device.type == "cuda" and dtype is not None else "plain"  # as fit() does
     if stem == "s2d":

@@ -367,7 +367,7 @@ def test_channels_last_convs_skips_layers_with_a_size_one_axis() -> None:
     model.train()
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm3d))
     stats = bn.running_mean.clone()
-    n = channels_last_convs(model, x[:1].contiguous(memory_format=torch.channels_last_3d))
+    n = channels_last_convs(model, (3, 8, 32, 32))
     assert model.training and torch.equal(bn.running_mean, stats)  # shapes found in eval mode, nothing updated
     cl = {name for name, m in model.named_modules() if isinstance(m, nn.Conv3d) and m.weight[0, 0].numel() > 1
           and m.weight.is_contiguous(memory_format=torch.channels_last_3d)}  # 1x1x1 kernels are both layouts at once

@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -154,16 +154,25 @@ def measure_latency(model: nn.Module, meta: ModelMeta, device: str | torch.devic
     model.eval()
     x = torch.randn(batch, *meta.input_shape, device=device)
     timed = inference_form(model, x) if fold_bn else model
+    ms = median_ms(timed, x, warmup=warmup, runs=runs)
+    model.train(was_training)
+    return ms
+
+
+def median_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, warmup: int = 3, runs: int = 10) -> float:
+    """Median wall time in ms of `fn(x)` under inference mode after `warmup` calls (synchronised on CUDA).
+
+    `fn` is any callable: a module, a compiled module, an ONNX Runtime session wrapper.
+    """
     times = []
     with torch.inference_mode():
         for i in range(warmup + runs):
-            _sync(device)
+            _sync(x.device)
             t0 = time.perf_counter()
-            timed(x)
-            _sync(device)
+            fn(x)
+            _sync(x.device)
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1000.0)
-    model.train(was_training)
     return float(statistics.median(times))
 
 

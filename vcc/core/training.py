@@ -185,14 +185,14 @@ def has_conv3d(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv3d) for m in model.modules())
 
 
-def channels_last_convs(model: nn.Module, example: torch.Tensor) -> int:
+def channels_last_convs(model: nn.Module, clip_shape: tuple[int, ...]) -> int:
     """Store the weights of `model`'s Conv3d layers channels_last_3d, where the layout is unambiguous.
 
     A conv whose input or output has a spatial extent of 1 on some axis (a 1-frame-deep last stage,
     say) keeps its weight contiguous: there the two layouts share a shape, strides of size-1 axes
-    are arbitrary, and inductor's compiled backward asserted strides cuDNN did not produce.
-    `example` (one batch, on the model's device) is run once in eval mode without gradients to
-    find the shapes. Returns the number of convs converted.
+    are arbitrary, and inductor's compiled backward asserted strides cuDNN did not produce. One
+    clip of `clip_shape` (C, T, H, W) runs once in eval mode without gradients, on the model's
+    device, to find the shapes. Returns the number of convs converted.
     """
     from vcc.core.probe import probe_forward
 
@@ -202,6 +202,8 @@ def channels_last_convs(model: nn.Module, example: torch.Tensor) -> int:
         shapes[mod] = (tuple(args[0].shape[2:]), tuple(out.shape[2:]))
 
     convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    device = next(model.parameters()).device
+    example = torch.zeros(1, *clip_shape, device=device).contiguous(memory_format=torch.channels_last_3d)
     probe_forward(model, example, [(m, hook) for m in convs])
     n = 0
     for m in convs:
@@ -588,8 +590,7 @@ def _fit(
     channels_last = cuda and dtype is not None and has_conv3d(model)
     raw = model.to(device)
     if channels_last:
-        example = torch.zeros(1, meta.channels, cfg.frames, cfg.size, cfg.size, device=device)
-        channels_last_convs(raw, example.contiguous(memory_format=torch.channels_last_3d))
+        channels_last_convs(raw, (meta.channels, cfg.frames, cfg.size, cfg.size))
     # The RGB stem as a stride-1 conv on 2x2 blocks: the same function, 2.1x faster on H100 tensor cores.
     undo_stem = space_to_depth_stem(raw) if cuda and dtype is not None else None
     if teacher is not None:

@@ -144,8 +144,7 @@ def _build(
     check_name(name, "dataset name")
     if min_frames < 1:
         raise UsageError(f"--min-frames must be at least 1, got {min_frames}")
-    if not 0.0 <= holdout < 1.0:
-        raise UsageError(f"--holdout must be in [0, 1), got {holdout}")
+    check_holdout(holdout)
     skipped = list(skipped or [])
     seen: set[Path] = set()
     to_probe: list[tuple[Path, int, str]] = []
@@ -438,6 +437,12 @@ def _assign_splits(entries: list[VideoEntry], classes: list[str], val_ratio: flo
         test_idx = set(order[:n_test])
         for i, e in enumerate(vids):
             e.split = "test" if i in test_idx else "train"
+
+
+def check_holdout(ratio: float) -> None:
+    """UsageError unless 0 <= `ratio` < 1 (checked before any probing or generating)."""
+    if not 0.0 <= ratio < 1.0:
+        raise UsageError(f"--holdout must be in [0, 1), got {ratio}")
 
 
 def hold_out(entries: list[VideoEntry], classes: list[str], ratio: float, group_of: Callable[[Path], Any] | None = None) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from vcc.core.data.manifest import PrepareResult, VideoEntry, load_dataset, write_dataset
+from vcc.core.data.prepare import check_holdout, hold_out
 from vcc.core.errors import UsageError
 from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_dir
@@ -69,8 +70,7 @@ def prepare_synthetic(
     if size < 16 or size % 2:
         raise UsageError(f"--size must be an even number >= 16, got {size}")
     folder = ws.dataset_dir(name)
-    if not 0.0 <= holdout < 1.0:
-        raise UsageError(f"--holdout must be in [0, 1), got {holdout}")
+    check_holdout(holdout)
     options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 8}
     if holdout > 0:
         options["holdout"] = holdout
@@ -96,8 +96,6 @@ def prepare_synthetic(
                 if progress:
                     progress("generate", done, total, {"class": motion})
         if holdout > 0:
-            from vcc.core.data.prepare import hold_out
-
             hold_out(entries, class_names, holdout)
         counts = write_dataset(tmp, name, class_names, entries, source="synthetic", options=options)
     return PrepareResult(name, folder, class_names, counts, [])
