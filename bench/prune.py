@@ -54,35 +54,39 @@ def tp_magnitude_prune(model, meta, target: float, base_macs: int):
     return best[0], best[1], hi
 
 
-def _runtime_forms(runtime: str, models: dict, meta, x, threads: list[int], tmp: Path) -> dict:
-    """{(model key, threads): callable x -> output} for one runtime (compiled/exported once per model)."""
+def _runtime_forms(runtime: str, models: dict, meta, x, threads: list[int], tmp: Path, fold: bool) -> dict:
+    """{(model key, threads): callable x -> output} for one runtime (built once per model and thread count)."""
     import torch
 
-    if runtime == "eager":
-        return {(k, th): m for k, m in models.items() for th in threads}
-    if runtime == "compile":
-        out = {}
-        for k, m in models.items():
-            c = torch.compile(m)
-            with torch.inference_mode():
-                c(x)
-            out.update({(k, th): c for th in threads})
-        return out
-    if runtime == "onnxruntime":
-        import onnxruntime as ort
+    from vcc.core.inference import inference_form
 
-        from vcc.core.compress.port import export_onnx
-
-        out = {}
+    out = {}
+    for th in threads:
+        torch.set_num_threads(th)  # the kernel choice is made per thread count
         for k, m in models.items():
-            path = Path(export_onnx(m, meta, tmp / f"latency-{k}.onnx")["path"])  # what `vcc port --onnx` writes
-            for th in threads:
+            if runtime in ("eager", "compile"):
+                f = inference_form(m, x) if fold else m
+                if runtime == "compile":
+                    f = torch.compile(f)
+                    with torch.inference_mode():
+                        f(x)
+                out[(k, th)] = f
+            elif runtime == "eager-default":  # folded, but every conv on the kernel PyTorch picks
+                out[(k, th)] = inference_form(m, x, kernels=False) if fold else m
+            elif runtime == "onnxruntime":
+                import onnxruntime as ort
+
+                from vcc.core.compress.port import export_onnx
+
+                if (k, threads[0]) not in out:  # export once, what `vcc port --onnx` writes
+                    path = Path(export_onnx(m, meta, tmp / f"latency-{k}.onnx")["path"])
                 so = ort.SessionOptions()
                 so.intra_op_num_threads, so.inter_op_num_threads = th, 1
                 sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
                 out[(k, th)] = (lambda s: lambda t: s.run(None, {"clip": t.numpy()}))(sess)
-        return out
-    raise SystemExit(f"--latency-runtimes: unknown runtime {runtime!r} (eager, compile, onnxruntime)")
+            else:
+                raise SystemExit(f"--latency-runtimes: unknown runtime {runtime!r} (eager, eager-default, compile, onnxruntime)")
+    return out
 
 
 def main() -> None:
@@ -106,11 +110,13 @@ def main() -> None:
     ap.add_argument("--methods", default="taylor,l1,tp-magnitude")
     ap.add_argument("--round-to", type=int, default=1, help="keep a multiple of N channels per layer (taylor/l1)")
     ap.add_argument("--latency-threads", default="1,2", help="torch CPU thread counts to time batch-1 latency with")
-    ap.add_argument("--latency-runtimes", default="eager",
-                    help="comma list: eager (vcc's inference form: BatchNorm folded, as `vcc prune` reports), compile "
-                         "(torch.compile of it, inductor; needs a C compiler) and onnxruntime (ONNX export, needs the "
-                         "onnxruntime package); the goals use eager")
-    ap.add_argument("--no-fold-bn", action="store_true", help="time the models as they are (default: BatchNorm folded, as deployed)")
+    ap.add_argument("--latency-runtimes", default="eager,eager-default",
+                    help="comma list: eager (vcc's inference form, as `vcc prune` reports: BatchNorm folded, each conv on "
+                         "the faster of PyTorch's two CPU kernels, chosen per thread count), eager-default (folded, every "
+                         "conv on the kernel PyTorch's rule picks), compile (torch.compile of the eager form, inductor; "
+                         "needs a C compiler) and onnxruntime (the `vcc port --onnx` export; needs onnxruntime); the "
+                         "goals use eager")
+    ap.add_argument("--no-fold-bn", action="store_true", help="eager/compile time the models as they are (no inference form)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--workspace", default=None, help="keep artefacts here (default: a temp dir)")
     args = ap.parse_args()
@@ -123,7 +129,7 @@ def main() -> None:
     from vcc.core.compress.rank import rank
     from vcc.core.data.manifest import load_dataset
     from vcc.core.data.synthetic import prepare_synthetic
-    from vcc.core.evaluate import evaluate, inference_form, median_ms
+    from vcc.core.evaluate import evaluate, median_ms
     from vcc.core.models import build_model
     from vcc.core.training import TrainConfig, fit
     from vcc.core.workspace import Workspace
@@ -192,10 +198,10 @@ def main() -> None:
     # latency: interleave unpruned and pruned measurements to share the machine's noise
     fold = not args.no_fold_bn
     x = torch.randn(1, *meta.input_shape)
-    timed = {k: inference_form(m.cpu().eval(), x) if fold else m.cpu() for k, m in {"base": base, **pruned_models}.items()}  # folded once
+    timed = {k: m.cpu().eval() for k, m in {"base": base, **pruned_models}.items()}
     runtimes = [r.strip() for r in args.latency_runtimes.split(",") if r.strip()]
     threads = [int(t) for t in args.latency_threads.split(",") if t.strip()]
-    forms = {rt: _runtime_forms(rt, timed, meta, x, threads, Path(ws.root)) for rt in runtimes}
+    forms = {rt: _runtime_forms(rt, timed, meta, x, threads, Path(ws.root), fold) for rt in runtimes}
     latency: dict[str, dict] = {}
     for rt in runtimes:
         for th in threads:
@@ -230,7 +236,8 @@ def main() -> None:
                   "scope": args.scope, "eval_clips": args.eval_clips, "threads": torch.get_num_threads(),
                   "round_to": args.round_to,
                   "latency": f"median over {args.latency_rounds} interleaved rounds of the median of {args.latency_runs} batch-1 CPU forwards"
-                             + (", BatchNorm folded into the convs (as deployed)" if fold else ", models as they are"),
+                             + (", in vcc's inference form (BatchNorm folded; conv kernels chosen by timing, except eager-default)"
+                                if fold else ", models as they are"),
                   "latency_runtimes": runtimes},
         "unpruned": {"macs": base_macs, "params": base_params, "video_top1": base_eval["video_top1"],
                      "clip_top1": base_eval["clip_top1"], "latency": {t: v["base"] for t, v in latency.items()}},

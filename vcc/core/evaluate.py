@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from vcc.core.artefact import ModelMeta
 from vcc.core.errors import UsageError, VccError
+from vcc.core.inference import inference_form
 from vcc.core.progress import ProgressFn
 from vcc.core.training import (
     amp_dtype,
@@ -122,32 +122,12 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return cm.tolist()
 
 
-def inference_form(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The model as an inference runtime runs it: eval mode, each BatchNorm folded into its conv.
-
-    Folding (torch.fx) removes a fixed per-layer cost that pruning cannot shrink, as ONNX
-    Runtime, TensorRT or a frozen TorchScript module would. Models that do not trace (data-
-    dependent early exits) or whose folded outputs differ (> 1e-4) are returned unchanged.
-    """
-    model.eval()
-    try:
-        from torch.fx.experimental.optimization import fuse
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            folded = fuse(model)
-        with torch.inference_mode():
-            ok = torch.allclose(folded(example), model(example), atol=1e-4, rtol=1e-4)
-    except Exception:  # noqa: BLE001 - any trace failure means "time it as it is"
-        return model
-    return folded if ok else model
-
-
 def measure_latency(model: nn.Module, meta: ModelMeta, device: str | torch.device = "cpu", batch: int = 1, warmup: int = 3,
                     runs: int = 10, fold_bn: bool = True) -> float:
     """Median wall time in ms of one forward pass at batch `batch` on `device` (after warm-up).
 
-    With `fold_bn` (default) the timed model is :func:`inference_form`'s folded copy.
+    With `fold_bn` (default) the timed model is :func:`vcc.core.inference.inference_form`'s copy
+    (BatchNorm folded, CPU conv kernels chosen by timing); without, the model as it is.
     """
     device = resolve_device(device)
     was_training = model.training

@@ -1,0 +1,111 @@
+"""vcc.core.inference: the form models are timed in (BatchNorm folded, CPU conv kernels chosen by timing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.test_models import SLOW_FORWARD, SMALL_OPTIONS
+from vcc.core import inference
+from vcc.core.inference import OneDNNConv3d, fold_batchnorm, inference_form, select_cpu_kernels
+from vcc.core.models import build_model, list_models
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def _with_stats(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so that a wrong fold shows in the outputs."""
+    for m in model.modules():
+        if isinstance(m, _BN):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", [a for a in list_models() if a not in SLOW_FORWARD])
+def test_inference_form_folds_every_batchnorm_and_computes_the_same(arch: str) -> None:
+    # torchvision's r3d/mc3 convs are nn.Conv3d subclasses and s3d does not trace: both kept
+    # their BatchNorms under torch.fx's own fuse(), so their latency included unfolded norms
+    torch.manual_seed(0)
+    model = _with_stats(build_model(arch, 3, **SMALL_OPTIONS.get(arch, {})))
+    bns = sum(isinstance(m, _BN) for m in model.modules())
+    x = torch.randn(1, 3, 8, 32, 32)
+    form = inference_form(model, x)
+    assert form is not model
+    assert not any(isinstance(m, _BN) for m in form.modules()), arch
+    with torch.no_grad():
+        assert torch.allclose(form(x), model(x), atol=1e-4, rtol=1e-4)
+    assert sum(isinstance(m, _BN) for m in model.modules()) == bns  # the original is untouched
+
+
+def test_fold_batchnorm_in_sequentials_of_an_untraceable_model() -> None:
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU())
+            self.bn = nn.BatchNorm3d(4)  # not after a conv in a Sequential: stays
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.body(x)
+            return self.bn(y) if y.sum() > 0 else y
+
+    torch.manual_seed(0)
+    model = _with_stats(Branchy())
+    folded = fold_batchnorm(model)
+    assert isinstance(folded.body[1], nn.Identity) and isinstance(folded.bn, nn.BatchNorm3d)
+    x = torch.randn(1, 3, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation", "bias"), [(1, 1, 1, True), (2, 0, 1, False), ((1, 2, 2), (1, 3, 3), 1, True),
+                                                                      (1, 2, 2, False)])
+def test_onednn_conv3d_is_the_same_function(stride, padding, dilation, bias) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv3d(5, 7, 3, stride=stride, padding=padding, dilation=dilation, bias=bias).eval()
+    fast = OneDNNConv3d.like(conv)
+    assert fast.state_dict().keys() == conv.state_dict().keys()
+    x = torch.randn(1, 5, 6, 11, 11)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), conv(x), atol=1e-5)
+        fast64 = OneDNNConv3d.like(conv.double())  # other dtypes take the default path
+        assert torch.allclose(fast64(x.double()), conv(x.double()))
+
+
+def test_select_cpu_kernels_swaps_what_it_chose_and_keeps_outputs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 4, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    key0 = inference._choice_key(model[0], x)
+    inference._CHOICES[key0] = True  # a remembered choice is not timed again
+    try:
+        n = select_cpu_kernels(model, x)
+        assert isinstance(model[0], OneDNNConv3d) and n == 1 + isinstance(model[2], OneDNNConv3d)
+        assert inference._choice_key(model[2], model[1](model[0](x))) in inference._CHOICES  # the other one was timed
+        with torch.no_grad():
+            assert torch.allclose(model(x), ref, atol=1e-5)
+    finally:
+        inference._CHOICES.pop(key0, None)
+    assert select_cpu_kernels(nn.Conv3d(3, 4, 3).double(), x.double()) == 0  # float32 CPU only
+
+
+def test_inference_form_of_a_masked_model_keeps_its_masks() -> None:
+    # magnitude pruning's masks recompute `weight` in a pre-hook: such convs are left as they are
+    from torch.nn.utils import prune as torch_prune
+
+    torch.manual_seed(0)
+    model = _with_stats(build_model("r3d_tiny", 3))
+    for m in model.modules():
+        if isinstance(m, nn.Conv3d):
+            torch_prune.l1_unstructured(m, "weight", amount=0.5)
+    x = torch.randn(1, 3, 8, 32, 32)
+    assert inference_form(model, x) is model  # its `weight`s are autograd results: no copy, timed as it is
+    with torch.no_grad():
+        model(x)  # recomputed without autograd, as a loaded artefact's are: now it copies
+    form = inference_form(model, x)
+    assert form is not model and not any(isinstance(m, OneDNNConv3d) for m in form.modules())
+    with torch.no_grad():
+        assert torch.allclose(form(x), model(x), atol=1e-4, rtol=1e-4)

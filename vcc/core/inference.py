@@ -1,0 +1,209 @@
+"""The form a model is timed in: eval mode, BatchNorm folded, each CPU conv on its faster kernel.
+
+PyTorch picks a CPU kernel for each 3D convolution by a fixed rule. At batch 1 it sends convs with
+few channels x frames x rows (N·C·D·H <= 20480) and kernels of at most 3 on a side to its own
+vol2col + GEMM (`slow_conv3d`), the rest to oneDNN. Channel pruning shrinks C, so pruned layers
+cross that line: in r3d_18 at 16x112², pruning to half the MACs moved layer2's convs from oneDNN
+to vol2col and made them 3-5x slower, so half the MACs bought 1.17x instead of 1.7x
+(bench/RESULTS.md). An inference runtime (oneDNN graph, TensorRT, cuDNN's benchmark mode) picks
+kernels by measuring; :func:`select_cpu_kernels` does the same for the two PyTorch offers.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+MARGIN = 0.9  # oneDNN replaces the default kernel only when it takes < 90% of its time
+_CHOICES: dict[tuple, bool] = {}  # per process: (shapes, conv options, threads) -> oneDNN is faster
+
+
+class OneDNNConv3d(nn.Conv3d):
+    """A Conv3d that runs oneDNN's kernel for float32 CPU inputs whatever PyTorch's heuristic says.
+
+    The same function as nn.Conv3d (same parameters and state dict); other devices and dtypes
+    take the default path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return super().forward(x)
+        return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, list(self.padding), list(self.stride),
+                                                 list(self.dilation), self.groups)
+
+    @classmethod
+    def like(cls, conv: nn.Conv3d) -> OneDNNConv3d:
+        """A OneDNNConv3d sharing `conv`'s parameters."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, bias=conv.bias is not None, device="meta")
+        new.weight = conv.weight
+        new.bias = conv.bias
+        return new
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx tracer that keeps every conv and BatchNorm a module call, subclasses included
+    (torchvision's r3d/mc3 convs are nn.Conv3d subclasses, which fx would otherwise trace into)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _CONVS + _NORMS) or super().is_leaf_module(m, qualname)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of eval-mode `model` with each BatchNorm that directly follows a conv folded into the conv.
+
+    Models that torch.fx traces are folded on their graph (any conv -> BatchNorm edge whose conv
+    has no other user); the rest (data-dependent control flow: s3d, multi-exit models) only where
+    the pair sits side by side in an nn.Sequential, the BatchNorm becoming an Identity.
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - fx raises several types for untraceable code
+        _fold_sequential(model)
+        return model
+    gm = fx.GraphModule(model, graph)
+    mods = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods.get(node.target), _NORMS) or len(node.args) != 1:
+            continue
+        prev = node.args[0]
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
+                and _foldable(mods.get(prev.target), mods[node.target])):
+            continue
+        _set_module(gm, prev.target, _fuse(mods[prev.target], mods[node.target]))
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _plain(conv: Any) -> bool:
+    """A conv whose weight is its own parameter (not one a hook recomputes, as pruning masks do)."""
+    return isinstance(conv.weight, nn.Parameter) and not conv._forward_pre_hooks
+
+
+def _foldable(conv: Any, bn: nn.Module) -> bool:
+    return (isinstance(conv, _CONVS) and _plain(conv) and isinstance(bn, _NORMS) and bn.track_running_stats
+            and bn.running_mean is not None and bn.num_features == conv.out_channels)
+
+
+def _fuse(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    return fuse_conv_bn_eval(conv, bn)
+
+
+def _fold_sequential(model: nn.Module) -> None:
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        keys = list(seq._modules)
+        for a, b in zip(keys, keys[1:], strict=False):
+            if _foldable(seq._modules[a], seq._modules[b]):
+                seq._modules[a] = _fuse(seq._modules[a], seq._modules[b])
+                seq._modules[b] = nn.Identity()
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _median_s(fn: Any, x: torch.Tensor, runs: int) -> float:
+    fn(x)  # warm-up (oneDNN builds its primitive on the first call)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def select_cpu_kernels(model: nn.Module, example: torch.Tensor, runs: int = 3) -> int:
+    """Swap (in place) each float32 CPU Conv3d of `model` for a :class:`OneDNNConv3d` where oneDNN is faster.
+
+    Each conv is timed with both kernels on its own input from one forward of `example` (the
+    choice is for that shape; any other shape still computes the same function). Choices are
+    remembered per process by shapes, options and thread count. Returns the number of convs swapped.
+    """
+    if example.device.type != "cpu" or example.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return 0
+    from vcc.core.probe import probe_forward
+
+    inputs: dict[str, torch.Tensor] = {}
+    convs = {n: m for n, m in model.named_modules()  # plain Conv3d semantics (subclasses that only add structure too)
+             if isinstance(m, nn.Conv3d) and type(m).forward is nn.Conv3d.forward and _plain(m)
+             and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)}
+
+    def hook(name: str):
+        def record(_m: nn.Module, args: tuple, _out: Any) -> None:  # returns None: a forward hook's value replaces the output
+            inputs.setdefault(name, args[0].detach())
+
+        return record
+
+    probe_forward(model, example, [(m, hook(n)) for n, m in convs.items()])
+    swapped = 0
+    with torch.inference_mode():
+        for name, conv in convs.items():
+            x = inputs.get(name)
+            if x is None or x.dtype != torch.float32:
+                continue
+            key = _choice_key(conv, x)
+            if key not in _CHOICES:
+                try:
+                    t_default = _median_s(conv, x, runs)  # PyTorch's own choice
+                    t_onednn = _median_s(OneDNNConv3d.like(conv), x, runs)
+                    _CHOICES[key] = t_onednn < MARGIN * t_default
+                except RuntimeError:  # a build without this oneDNN op
+                    _CHOICES[key] = False
+            if _CHOICES[key]:
+                _set_module(model, name, OneDNNConv3d.like(conv))
+                swapped += 1
+    return swapped
+
+
+def _choice_key(conv: nn.Conv3d, x: torch.Tensor) -> tuple:
+    return (tuple(x.shape), tuple(x.stride()), tuple(conv.weight.shape), conv.bias is not None, conv.stride,
+            conv.padding, conv.dilation, torch.get_num_threads())
+
+
+def inference_form(model: nn.Module, example: torch.Tensor, *, kernels: bool = True) -> nn.Module:
+    """`model` as an inference runtime runs it: eval mode, BatchNorm folded, CPU conv kernels chosen by timing.
+
+    Folding (:func:`fold_batchnorm`) removes a fixed per-layer cost that pruning cannot shrink,
+    as ONNX Runtime, TensorRT or a frozen TorchScript module would. With `kernels`,
+    :func:`select_cpu_kernels` picks each CPU conv's faster kernel at `example`'s shape. The
+    result computes what `model` does (checked to 1e-4 on `example`; a form that differs falls
+    back to `model` itself); `model` is never changed.
+    """
+    model.eval()
+    try:
+        form = fold_batchnorm(model)
+    except RuntimeError:  # a model that cannot be copied (a mask's weight computed with autograd): time it as it is
+        return model
+    if kernels:
+        select_cpu_kernels(form, example)
+    with torch.inference_mode():
+        ref, got = _tensors(model(example)), _tensors(form(example))
+    ok = len(ref) == len(got) > 0 and all(a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, ref, strict=True))
+    return form if ok else model
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output: a tensor, or a list/tuple of them (a multi-exit model's)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
