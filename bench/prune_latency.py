@@ -8,7 +8,7 @@ Builds ARCH with random weights (latency does not depend on their values), prune
 forwards of the unpruned and the pruned model, interleaved, in two forms: BatchNorm folded with
 every conv on the kernel PyTorch's own rule picks ("default"), and vcc's inference form, which also
 gives each conv the faster of PyTorch's two CPU kernels by timing ("chosen"; what `vcc prune`,
-`vcc eval` and `vcc macs --latency` report). Prints one JSON document: per thread count and form,
+`vcc port` and `vcc eval` report). Prints one JSON document: per thread count and form,
 the medians, the speedup and speedup / MACs reduction (the pruning issue's goal is >= 0.8).
 """
 
