@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["cli_startup", "loader", "train_step", "prune", "vib", "exits"]
+BENCHES = ["cli_startup", "loader", "train_step", "prune", "prune_latency", "vib", "exits"]
 
 
 def device_name() -> str:
