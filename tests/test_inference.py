@@ -109,3 +109,13 @@ def test_inference_form_of_a_masked_model_keeps_its_masks() -> None:
     assert form is not model and not any(isinstance(m, OneDNNConv3d) for m in form.modules())
     with torch.no_grad():
         assert torch.allclose(form(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_onednn_conv3d_compiles() -> None:
+    # the compiled graph takes the default path (fake tensors cannot run oneDNN's op)
+    torch.manual_seed(0)
+    model = nn.Sequential(OneDNNConv3d.like(nn.Conv3d(3, 4, 3, padding=1)), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 4, 8, 8)
+    compiled = torch.compile(model, backend="eager")
+    with torch.inference_mode():
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)

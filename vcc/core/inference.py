@@ -29,13 +29,13 @@ _CHOICES: dict[tuple, bool] = {}  # per process: (shapes, conv options, threads)
 class OneDNNConv3d(nn.Conv3d):
     """A Conv3d that runs oneDNN's kernel for float32 CPU inputs whatever PyTorch's heuristic says.
 
-    The same function as nn.Conv3d (same parameters and state dict); other devices and dtypes
-    take the default path.
+    The same function as nn.Conv3d (same parameters and state dict); other devices and dtypes,
+    and torch.compile, take the default path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            return super().forward(x)
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+            return super().forward(x)  # (under torch.compile inductor picks its own kernels)
         return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, list(self.padding), list(self.stride),
                                                  list(self.dilation), self.groups)
 
