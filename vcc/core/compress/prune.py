@@ -126,6 +126,10 @@ class Surgeon:
         self.modules = dict(model.named_modules())
         was_training = model.training
         model.eval()
+        # DepGraph's trace is a forward pass: record each layer's output positions on the way
+        self._positions: dict[str, int] = {}
+        hooks = [m.register_forward_hook(functools.partial(self._record_positions, name=n))
+                 for n, m in self.modules.items() if _is_param_layer(m)]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -140,6 +144,8 @@ class Surgeon:
             _restore_shortcuts(model)
             raise VccError(f"the dependency graph cannot trace {type(model).__name__}: {first_line(exc, 300)}") from exc
         finally:
+            for h in hooks:
+                h.remove()
             model.train(was_training)
         self._fix_shortcut_concats()
         self.classifiers = self._find_classifiers()
@@ -243,22 +249,24 @@ class Surgeon:
 
     # -- MAC estimates (conv/linear MACs from shapes; no surgery needed)
 
-    def positions(self, example: torch.Tensor) -> dict[str, int]:
-        """Output positions (N*T*H*W, or rows for linear) per conv/linear, from one forward pass."""
-        from vcc.core.probe import probe_forward
+    def _record_positions(self, mod: nn.Module, _i: Any, out: Any, name: str) -> None:
+        if isinstance(out, torch.Tensor):
+            self._positions[name] = out.numel() // max(1, _out_channels(mod))
 
-        pos: dict[str, int] = {}
+    @property
+    def positions(self) -> dict[str, int]:
+        """Output positions (N*T*H*W, or rows for linear) per conv/linear, recorded by the trace's forward pass."""
+        return self._positions
 
-        def fn(mod: nn.Module, _i: Any, out: Any, name: str) -> None:
-            if isinstance(out, torch.Tensor):
-                pos[name] = out.numel() // max(1, _out_channels(mod))
-
-        probe_forward(self.model, example, [(m, functools.partial(fn, name=name)) for name, m in self.modules.items() if _is_param_layer(m)])
-        self._positions = pos
-        return pos
+    def prunable_layers(self) -> list[str]:
+        """Names of convs whose output channels can be ranked and pruned (not classifiers), in module order."""
+        names = set()
+        for g in self.groups:
+            names.update(k for k in g.members if _is_conv(self.modules[k]))
+        return [n for n in self.modules if n in names]
 
     def estimate_macs(self, removals: dict[int, list[int]]) -> int:
-        """Conv + linear MACs after removing `removals` (call :meth:`positions` first)."""
+        """Conv + linear MACs (at the traced input) after removing `removals`."""
         out_lost: dict[str, int] = {}
         in_lost: dict[str, int] = {}
         for gi, chans in removals.items():
@@ -372,10 +380,7 @@ def prunable_layers(model: nn.Module, meta: Any, ignore: list[str] | None = None
     """Names of convs whose output channels can be ranked and pruned (not classifiers)."""
     s = Surgeon(clone(model).cpu(), example_input(meta), ignore)
     s.finish()
-    names = set()
-    for g in s.groups:
-        names.update(k for k in g.members if _is_conv(s.modules[k]))
-    return [n for n, m in model.named_modules() if n in names]
+    return s.prunable_layers()
 
 
 def count_macs(model: nn.Module, meta: Any) -> tuple[int, int]:
@@ -491,15 +496,16 @@ class PruneOutcome:
 
 def prune_channels(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], ratio: float, *,
                    scope: str = "global", ignore: list[str] | None = None,
-                   ratio_of: dict[str, int] | None = None, round_to: int = 1) -> PruneOutcome:
+                   ratio_of: dict[str, int] | None = None, round_to: int = 1, probe: Surgeon | None = None) -> PruneOutcome:
     """A copy of `model` with `ratio` of its prunable channels removed (lowest scores first).
 
     `ratio_of` maps group roots to the channel counts the ratio refers to (iterative pruning
-    passes the original model's; default the current ones).
+    passes the original model's; default the current ones). `probe` (:func:`probe_surgeon` of
+    this very model) saves a trace and is consumed.
     """
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"--ratio must be in (0, 1), got {ratio}")
-    s = Surgeon(clone(model).cpu().eval(), example_input(meta), ignore)
+    s = probe or probe_surgeon(model, meta, ignore)
     if not s.groups:
         s.finish()
         raise VccError(f"{meta.arch}: no prunable channels found (everything is a classifier or ignored)")
@@ -533,13 +539,6 @@ def _check_forward(model: nn.Module, meta: Any) -> None:
         raise VccError(f"{meta.arch}: pruned model outputs {tuple(out.shape)}, expected (1, {meta.num_classes})")
 
 
-def group_sizes(model: nn.Module, meta: Any, ignore: list[str] | None = None) -> dict[str, int]:
-    """Channel-group sizes by root conv (to make iterative ratios refer to the original model)."""
-    s = Surgeon(clone(model).cpu(), example_input(meta), ignore)
-    s.finish()
-    return {g.root: g.size for g in s.groups}
-
-
 def _unreachable(meta: Any, target: float, least: float, round_to: int) -> VccError:
     floor = "one channel" if round_to <= 1 else f"{round_to} channels (--round-to {round_to})"
     return VccError(
@@ -548,20 +547,26 @@ def _unreachable(meta: Any, target: float, least: float, round_to: int) -> VccEr
     )
 
 
-def check_macs_target(model: nn.Module, meta: Any, target: float, ignore: list[str] | None = None, round_to: int = 1) -> None:
+def probe_surgeon(model: nn.Module, meta: Any, ignore: list[str] | None = None) -> Surgeon:
+    """A traced Surgeon on a CPU copy of `model`: inspect it, or hand it to :func:`check_macs_target`
+    and :func:`prune_to_macs` so one trace serves a whole prune step (its copy keeps the traced
+    shortcut stand-ins until it is pruned; the copy is never `model`)."""
+    return Surgeon(clone(model).cpu().eval(), example_input(meta), ignore)
+
+
+def check_macs_target(model: nn.Module, meta: Any, target: float, ignore: list[str] | None = None, round_to: int = 1,
+                      *, probe: Surgeon | None = None, cur_macs: int | None = None) -> None:
     """VccError when keeping one channel (or `round_to`) in every prunable group still leaves more than `target` of the MACs.
 
     Needs no scores or data, so `vcc prune` checks it before evaluating and ranking anything.
+    `probe` (from :func:`probe_surgeon` on this model) saves a trace; it is only read.
     """
-    cur_macs, _ = count_macs(model, meta)
-    s = Surgeon(clone(model).cpu().eval(), example_input(meta), ignore)
-    try:
-        s.positions(example_input(meta))
-        other = cur_macs - s.estimate_macs({})
-        keep = max(1, round_to)
-        least = other + s.estimate_macs({gi: list(g.channels[keep:]) for gi, g in enumerate(s.groups) if g.size > keep})
-    finally:
-        s.finish()
+    if cur_macs is None:
+        cur_macs, _ = count_macs(model, meta)
+    s = probe or probe_surgeon(model, meta, ignore)
+    other = cur_macs - s.estimate_macs({})
+    keep = max(1, round_to)
+    least = other + s.estimate_macs({gi: list(g.channels[keep:]) for gi, g in enumerate(s.groups) if g.size > keep})
     if least > target * cur_macs:
         raise _unreachable(meta, target, least / cur_macs, round_to)
 
@@ -569,12 +574,13 @@ def check_macs_target(model: nn.Module, meta: Any, target: float, ignore: list[s
 def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], target: float, *,
                   scope: str = "global", ignore: list[str] | None = None, base_macs: int | None = None,
                   ratio_of: dict[str, int] | None = None, round_to: int = 1, tol: float = 1e-3,
-                  progress: ProgressFn | None = None) -> PruneOutcome:
+                  progress: ProgressFn | None = None, probe: Surgeon | None = None) -> PruneOutcome:
     """Prune until MACs <= `target` x `base_macs` (default: the model's own MACs).
 
     The ratio is found by bisection on a MAC estimate computed from layer shapes (no surgery per
     probe), then the model is pruned once and measured with count_macs; if the measured MACs
-    still miss the goal the ratio is nudged up.
+    still miss the goal the ratio is nudged up. `probe` (:func:`probe_surgeon` of this very model,
+    not yet pruned) saves a trace; it is consumed (its copy becomes the pruned model).
     """
     if not 0.0 < target < 1.0 + 1e-9:
         raise UsageError(f"--target-macs must be in (0, 1), got {target}")
@@ -585,8 +591,7 @@ def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], 
     if cur_macs <= goal:
         return PruneOutcome(clone(model).cpu().eval(), 0.0, {}, cur_macs, cur_params)
     # the probe plans the ratio, then is pruned itself by the first attempt (its tracing is reused)
-    probe = Surgeon(clone(model).cpu().eval(), example_input(meta), ignore)
-    probe.positions(example_input(meta))
+    probe = probe or probe_surgeon(model, meta, ignore)
     est0 = probe.estimate_macs({})
     other = cur_macs - est0  # MACs outside conv/linear weights (if any), assumed fixed
     gscores = group_scores(probe.groups, scores, normalise=(scope == "global"))
@@ -609,7 +614,7 @@ def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], 
             lo = mid
     r = hi
     for attempt in range(6):
-        s = probe if attempt == 0 else Surgeon(clone(model).cpu().eval(), example_input(meta), ignore)
+        s = probe if attempt == 0 else probe_surgeon(model, meta, ignore)
         out = _cut(s, meta, gscores, base, r, scope, round_to)
         if progress:
             progress("target MACs", attempt + 1, None, {"ratio": round(r, 4), "macs": round(out.macs / base_macs, 4)})
@@ -726,8 +731,10 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
         check_classes(meta, list(data.classes), data_name=f"dataset {data.name!r}")
     if job.finetune_epochs and data is None:
         raise UsageError("--finetune-epochs needs --data")
-    if job.target_macs is not None and job.method != "magnitude":
-        check_macs_target(model, meta, job.target_macs, job.ignore, job.round_to)  # before any evaluation or ranking
+    # one DepGraph trace of the loaded model serves step 1's checks, ranking layers and surgery
+    probe = probe_surgeon(model, meta, job.ignore) if job.method != "magnitude" else None
+    if job.target_macs is not None and probe is not None:
+        check_macs_target(model, meta, job.target_macs, job.ignore, job.round_to, probe=probe)  # before any evaluation or ranking
     before = summarise(model, meta, data, job, progress)
     steps_log: list[dict[str, Any]] = []
     history: list[dict[str, Any]] = []
@@ -740,7 +747,7 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
         mag_layers = candidate_layers(model, meta, job.ignore)
     else:
         if job.steps > 1:  # a single step's ratio refers to the model's own sizes anyway
-            orig_sizes = group_sizes(model, meta, job.ignore)
+            orig_sizes = {g.root: g.size for g in probe.groups}
         if job.ranking:
             ranking_scores, rdoc = load_ranking(job.ranking, model)
             if rdoc.get("method") and rdoc["method"] != job.method:
@@ -758,18 +765,21 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
                 scores = ranking_scores
             else:
                 scores = rank(model, meta, job.method, data=data, batches=job.batches, device=dev,
-                              ignore=job.ignore, progress=progress)
+                              ignore=job.ignore, progress=progress,
+                              layers=probe.prunable_layers() if probe is not None else None)
                 model.cpu()
             if job.ratio is not None:
                 r = agp_targets(job.ratio, job.steps)[t - 1]
                 out = prune_channels(model, meta, scores, r, scope=job.scope, ignore=job.ignore, ratio_of=orig_sizes,
-                                     round_to=job.round_to)
+                                     round_to=job.round_to, probe=probe)
                 record = {"step": t, "ratio": round(r, 4)}
             else:
                 f = macs_targets(job.target_macs, job.steps)[t - 1]
                 out = prune_to_macs(model, meta, scores, f, scope=job.scope, ignore=job.ignore,
-                                    base_macs=before["macs"], ratio_of=orig_sizes, round_to=job.round_to, progress=progress)
+                                    base_macs=before["macs"], ratio_of=orig_sizes, round_to=job.round_to, progress=progress,
+                                    probe=probe)
                 record = {"step": t, "target_macs": round(f, 4), "ratio": round(out.ratio, 4)}
+            probe = None  # pruned (it became out.model): later steps trace their own model
             model = out.model
             record.update({"macs": out.macs, "params": out.params, "removed": out.removed})
         if job.finetune_epochs:

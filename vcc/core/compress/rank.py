@@ -109,14 +109,19 @@ def gradient_scores(model: nn.Module, meta: Any, data: Any, layers: list[str], m
 
 
 def rank(model: nn.Module, meta: Any, method: str, *, data: Any = None, batches: int = 8, batch_size: int = 4,
-         device: str = "cpu", ignore: list[str] | None = None, progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
-    """Scores per output channel of every prunable conv of `model` (a dict conv name -> 1-D tensor)."""
+         device: str = "cpu", ignore: list[str] | None = None, progress: ProgressFn | None = None,
+         layers: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Scores per output channel of every prunable conv of `model` (a dict conv name -> 1-D tensor).
+
+    `layers` (a Surgeon's ``prunable_layers()`` of this model) skips tracing the model again.
+    """
     from vcc.core.compress.prune import prunable_layers
 
     method = method.lower()
     if method not in DATA_METHODS + WEIGHT_METHODS:
         raise UsageError(f"--method must be one of taylor, l1, l2, oracle, not {method!r}")
-    layers = prunable_layers(model, meta, ignore)
+    if layers is None:
+        layers = prunable_layers(model, meta, ignore)
     if method in WEIGHT_METHODS:
         return weight_scores(model, layers, 1 if method == "l1" else 2)
     if data is None:
