@@ -49,3 +49,61 @@ def test_help_paragraphs_reflow_to_the_terminal() -> None:
     assert any("graph, so residual adds" in ln for ln in flat)  # "graph, so" ended a line before
     port = [ln.strip(" │") for ln in run_vcc("port", "--help", env={"COLUMNS": "80"}, check=True).stdout.splitlines()]
     assert "error" not in port  # no one-word line (the docstring broke after "printed; error")
+
+
+def _examples() -> list[tuple[str, str]]:
+    """(command path, example line) for every `Examples:` line in every command's help."""
+    import typer
+
+    found: list[tuple[str, str]] = []
+
+    def walk(cmd, path: str) -> None:
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+        text = cmd.help or ""
+        if "Examples:" in text:
+            found.extend((path, ln.strip()) for ln in text.split("Examples:", 1)[1].splitlines() if ln.strip().startswith("vcc "))
+
+    walk(typer.main.get_command(app), "vcc")
+    return found
+
+
+def _rest(ctx) -> list[str]:
+    """The arguments a group left for its sub-command (click renamed the attribute over versions)."""
+    protected = getattr(ctx, "_protected_args", None)
+    if protected is None:
+        protected = getattr(ctx, "protected_args", [])
+    return [*protected, *ctx.args]
+
+
+def test_every_command_has_examples_that_parse() -> None:
+    """Each command's --help shows examples, and each example's options exist and take its values."""
+    import shlex
+
+    import typer
+
+    examples = _examples()
+    paths = {p for p, _ in examples}
+    assert {f"vcc {c}" for c in COMMANDS if c != "prepare"} <= paths
+    assert {f"vcc prepare {d}" for d in ("ucf101", "hmdb51", "ucf11", "folder", "synthetic")} <= paths
+    root = typer.main.get_command(app)
+    for path, line in examples:
+        args = shlex.split(line, comments=True)[1:]
+        if ">" in args:
+            args = args[: args.index(">")]
+        ctx = root.make_context("vcc", list(args), resilient_parsing=False)
+        cmd, rest = root, _rest(ctx)
+        while hasattr(cmd, "commands"):  # down the groups (vcc prepare <dataset>)
+            _, cmd, rest = cmd.resolve_command(ctx, rest)
+            ctx = cmd.make_context(cmd.name, rest, parent=ctx)  # parses and type-checks every option
+            rest = _rest(ctx)
+        assert path.endswith(cmd.name) or path == "vcc", (path, line)
+
+
+def test_bad_option_value_is_one_line() -> None:
+    res = run_vcc("prepare", "ucf101", "--root", ".", "--splits", ".", "--split", "4")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--split" in lines[0], res.stderr
+    res = run_vcc("--bogus")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: No such option: --bogus (see `vcc -h`)"]

@@ -341,3 +341,84 @@ def test_hold_out_without_groups_keeps_a_training_video_per_class() -> None:
     again = [VideoEntry(e.path, e.label, "train" if e.split == "val" else e.split, 10, 25.0, 32, 32) for e in entries]
     hold_out(again, ["a", "b", "c"], 0.25)
     assert [e.split for e in again] == [e.split for e in entries]  # deterministic
+
+
+# ---------------------------------------------------------------- user-trial findings (session 7)
+
+
+def test_symlinked_ucf101_tree_keeps_listed_names_and_groups(tmp_path: Path, ws: Workspace, clip: Path) -> None:
+    """A tree of symlinks (a content-addressed store, DVC, git-annex) keeps the listed names, so the
+    holdout still finds each clip's gXX group (it used to read the shared link target's name)."""
+    root = tmp_path / "UCF-101"
+    for cls in UCF_CLASSES:
+        for g in (1, 2, 8, 9, 10, 11):
+            for c in (1, 2):
+                dest = root / cls / f"v_{cls}_g{g:02d}_c{c:02d}.avi"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.symlink_to(clip)
+    res = prepare_ucf101(ws, tmp_path, UCF_SPLITS, split=1, holdout=0.5, name="linked")
+    assert res.counts["val"] > 0 and res.counts["train"] > 0
+    info = load_dataset(res.path)
+    assert all(Path(e.path).is_symlink() and Path(e.path).name.startswith("v_") for e in info.entries)
+    sides = _group_sides(info, r"_g(\d+)_")
+    assert all(len(s) == 1 for s in sides.values())  # no group on both sides
+
+
+def test_folder_train_val_test_tree_keeps_all_three(tmp_path: Path, ws: Workspace, clip: Path) -> None:
+    for split, n in (("train", 3), ("val", 2), ("test", 1)):
+        for cls in ("jump", "run"):
+            for i in range(n):
+                _place(clip, tmp_path / "t" / split / cls / f"{i}.avi")
+    res = prepare_folder(ws, tmp_path / "t")
+    assert res.counts == {"train": 6, "val": 4, "test": 2} and res.skipped == []
+
+
+def test_split_list_names_match_any_unicode_form(tmp_path: Path, ws: Workspace, clip: Path) -> None:
+    """A file saved in NFD (macOS) is found from a list written in NFC."""
+    import unicodedata
+
+    root, lists = tmp_path / "hmdb", tmp_path / "splits"
+    lists.mkdir()
+    nfc = unicodedata.normalize("NFC", "café_crème_{}.avi")
+    lines = []
+    for i, tag in enumerate((1, 1, 2)):
+        _place(clip, root / "kick" / unicodedata.normalize("NFD", nfc.format(i)))
+        lines.append(f"{nfc.format(i)} {tag}")
+    (lists / "kick_test_split1.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    res = prepare_hmdb51(ws, root, lists)
+    assert res.counts == {"train": 2, "test": 1} and res.skipped == []
+
+
+def test_prepare_is_quiet_and_plain_about_bad_files(tmp_path: Path, ws: Workspace, clip: Path) -> None:
+    """decord's C++ log lines stay off stderr, skip reasons carry no source locations, and the
+    warnings (a replaced dataset, a class with no training video) are one line each."""
+    root = tmp_path / "vids"
+    for cls in ("a", "b"):
+        for i in range(3):
+            _place(clip, root / cls / f"{i}.avi")
+    (root / "empty").mkdir()
+    _bad_files(root / "a", clip)
+    (root / "b" / "cut.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200)
+    first = run_vcc("prepare", "synthetic", "--classes", "2", "--videos-per-class", "2", "--frames", "8", "--size", "16",
+                    "--name", "vids", env={"VCC_HOME": str(ws.root)})
+    assert first.returncode == 0, first.stderr
+    res = run_vcc("prepare", "folder", "--root", str(root), "-f", "json", env={"VCC_HOME": str(ws.root)})
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    reasons = [s["reason"] for s in doc["skipped"]]
+    assert len(reasons) == 4 and not any(re.search(r"\.cc:\d+|\[\d\d:\d\d", r) for r in reasons), reasons
+    assert not re.search(r"video_reader\.cc|@ 0x[0-9a-f]+\]|ERROR opening", res.stderr), res.stderr
+    assert "warning: replaced dataset 'vids', which was prepared from synthetic" in res.stderr
+    assert "warning: 1 of 3 classes have no training videos: empty" in res.stderr
+    again = run_vcc("prepare", "folder", "--root", str(root), "-f", "json", env={"VCC_HOME": str(ws.root)})
+    assert again.returncode == 0 and "replaced" not in again.stderr  # the same prepare again is idempotent
+
+
+def test_unwritable_workspace_fails_before_probing(tmp_path: Path, clip: Path) -> None:
+    _place(clip, tmp_path / "v" / "a" / "0.avi")
+    _place(clip, tmp_path / "v" / "b" / "0.avi")
+    (tmp_path / "file").write_text("not a folder")
+    res = run_vcc("-w", str(tmp_path / "file"), "prepare", "folder", "--root", str(tmp_path / "v"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "probe" not in res.stderr, res.stderr

@@ -15,6 +15,7 @@ from vcc.commands._common import state
 # Exceptions the CLI framework handles itself (usage errors, --help, typer.Exit): typer vendors
 # click in recent versions, so take the classes from typer rather than importing click.
 _PASS_THROUGH = tuple({typer.Exit, typer.Abort, *typer.BadParameter.__mro__[1:3]})
+_USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError
 
 COMMANDS = ["prepare", "train", "rank", "prune", "finetune", "port", "eval", "macs", "wise", "demo"]
 
@@ -25,9 +26,17 @@ class VccGroup(TyperGroup):
     def list_commands(self, ctx: Any) -> list[str]:
         return [c for c in COMMANDS if c in self.commands]
 
+    def make_context(self, info_name: Any, args: Any, parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _USAGE_ERROR as exc:  # `vcc --bogus`
+            _usage_error(exc)
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except _USAGE_ERROR as exc:
+            _usage_error(exc)
         except _PASS_THROUGH:
             raise
         except KeyboardInterrupt:
@@ -42,10 +51,20 @@ class VccGroup(TyperGroup):
                 raise
             if isinstance(exc, VccError):
                 _error(str(exc), exc.exit_code)
+            if isinstance(exc, OSError) and exc.strerror:  # a full disk, a read-only folder, a missing file
+                _error(exc.strerror + (f": {exc.filename}" if exc.filename else ""), 1)
             if _is_cuda_oom(exc):
                 _error("CUDA out of memory: try a smaller --batch-size (or --frames/--size)", 1)
             first = (str(exc).strip().splitlines() or [""])[0]
             _error(f"{type(exc).__name__}: {first} (run with --debug for the traceback)", 1)
+
+
+def _usage_error(exc: Any) -> None:
+    """Bad usage in one line, like every other error (click's own form is a usage block and a boxed message)."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `vcc prepare` alone: click prints the help
+        raise exc
+    where = getattr(exc.ctx, "command_path", None)
+    _error(exc.format_message() + (f" (see `{where} -h`)" if where else ""), exc.exit_code)
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:

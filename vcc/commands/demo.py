@@ -22,6 +22,11 @@ def register(app: typer.Typer) -> None:
         leaves an artefact in the workspace to reuse with the other commands, e.g.
         [bold]vcc macs demo-ported[/bold] or [bold]vcc eval demo-finetuned --data demo-synthetic[/bold].
         Re-running replaces the demo's own runs.
+
+        Examples:
+
+          vcc demo
+          vcc demo --quick -f json
         """
         from vcc.commands._common import ProgressHook, log, progress, render, workspace
         from vcc.core.demo import run_demo

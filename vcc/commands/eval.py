@@ -26,6 +26,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate a model: clip/video top-1 and top-5, per-class accuracy, confusion matrix (CSV saved
         beside the model), latency at batch 1 and throughput.
+
+        Examples:
+
+          vcc eval base -d synthetic --clips 3 --crops 3
+          vcc eval base-exits -d synthetic --threshold 0.9
+          vcc eval runs/base/model.safetensors -d ucf101 -f json
         """
         from pathlib import Path
 

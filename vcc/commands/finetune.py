@@ -57,6 +57,11 @@ def register(app: typer.Typer) -> None:
 
         Frames and size come from the model's input spec. Continue an interrupted fine-tune with
         [bold]vcc train --resume RUN[/bold].
+
+        Examples:
+
+          vcc finetune base-pruned -d synthetic --epochs 6 --lr 1e-3
+          vcc finetune base-pruned -d synthetic --teacher base
         """
         from vcc.commands._common import (
             ProgressHook,

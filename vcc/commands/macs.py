@@ -29,6 +29,11 @@ def register(app: typer.Typer) -> None:
         """Count MACs (multiply-accumulates, not FLOPs) and parameters for one clip at batch size 1.
 
         Convolutions, linear layers, matrix products and recurrent layers (LSTM: T*4H*(I+H) per layer) count; elementwise ops, pooling and BatchNorm (folded into convs at inference) do not. For a multi-exit model each exit's cumulative MACs are listed too.
+
+        Examples:
+
+          vcc macs r3d_18 --frames 16 --size 112
+          vcc macs base --by-layer -f csv > macs.csv
         """
         from vcc.commands._common import log, render, workspace
         from vcc.core.macs import count_macs, exit_macs_for, resolve_target

@@ -25,6 +25,11 @@ def register(app: typer.Typer) -> None:
         The dense model must reproduce the masked model's outputs (max abs diff printed; error
         above 1e-4 in fp32). A model with nothing to remove ports to an equal artefact (exit 0).
         Writes runs/NAME/model.safetensors (default NAME: port-<model>).
+
+        Examples:
+
+          vcc port base-masked --name base-dense
+          vcc port lstm-vib -d synthetic --onnx lstm.onnx
         """
         from pathlib import Path
 

@@ -11,6 +11,7 @@ from vcc.commands._common import (
     FormatOpt,
     NameOpt,
     ProgressHook,
+    log,
     progress,
     render,
     workspace,
@@ -32,6 +33,8 @@ def _run(fn: Any, fmt: Any, /, **kwargs: Any) -> None:
 
     with progress() as prog:
         res: PrepareResult = fn(workspace(), progress=ProgressHook(prog), **kwargs)
+    for w in res.warnings:
+        log(f"warning: {w}")
     doc = res.doc()
     splits = [s for s in ("train", "val", "test") if s in res.counts]
     summary = Table(["dataset", "classes", *splits, "skipped", "folder"], title="Prepared dataset")
@@ -64,7 +67,13 @@ def register(app: typer.Typer) -> None:
         workers: WorkersOpt = 4,
         fmt: FormatOpt = Format.table,
     ) -> None:
-        """UCF101: UCF-101/<Class>/v_<Class>_gXX_cYY.avi with the official split lists (labels in classInd.txt order)."""
+        """UCF101: UCF-101/<Class>/v_<Class>_gXX_cYY.avi with the official split lists (labels in classInd.txt order).
+
+        Examples:
+
+          vcc prepare ucf101 --root UCF-101 --splits ucfTrainTestlist
+          vcc prepare ucf101 --root UCF-101 --splits ucfTrainTestlist --split 2
+        """
         from vcc.core.data.prepare import prepare_ucf101
 
         _run(prepare_ucf101, fmt, root=root, splits=splits, split=split, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
@@ -80,7 +89,13 @@ def register(app: typer.Typer) -> None:
         workers: WorkersOpt = 4,
         fmt: FormatOpt = Format.table,
     ) -> None:
-        """HMDB51: <class>/<video>.avi with the official 70/30 split lists (1 train, 2 test, 0 unused)."""
+        """HMDB51: <class>/<video>.avi with the official 70/30 split lists (1 train, 2 test, 0 unused).
+
+        Examples:
+
+          vcc prepare hmdb51 --root hmdb51 --splits testTrainMulti_7030_splits
+          vcc prepare hmdb51 --root hmdb51 --splits testTrainMulti_7030_splits --split 3
+        """
         from vcc.core.data.prepare import prepare_hmdb51
 
         _run(prepare_hmdb51, fmt, root=root, splits=splits, split=split, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
@@ -95,7 +110,13 @@ def register(app: typer.Typer) -> None:
         workers: WorkersOpt = 4,
         fmt: FormatOpt = Format.table,
     ) -> None:
-        """UCF11 (YouTube actions): <class>/v_<short>_<GG>/*.avi, split by group so no group is on both sides."""
+        """UCF11 (YouTube actions): <class>/v_<short>_<GG>/*.avi, split by group so no group is on both sides.
+
+        Examples:
+
+          vcc prepare ucf11 --root data/action_youtube_naudio
+          vcc prepare ucf11 --root data/action_youtube_naudio --fold 7
+        """
         from vcc.core.data.prepare import prepare_ucf11
 
         _run(prepare_ucf11, fmt, root=root, fold=fold, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
@@ -103,7 +124,7 @@ def register(app: typer.Typer) -> None:
     @sub.command("folder")
     def folder(
         root: RootOpt,
-        val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.95, help="Share of each class held out for test (ignored for train/ + test/ trees).")] = 0.2,
+        val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.95, help="Share of each class's videos put in the test split (not for trees already split into train/ and test/; --holdout makes a val split).")] = 0.2,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the per-class split.")] = 0,
         holdout: HoldoutOpt = 0.0,
         name: NameOpt = None,
@@ -111,7 +132,15 @@ def register(app: typer.Typer) -> None:
         workers: WorkersOpt = 4,
         fmt: FormatOpt = Format.table,
     ) -> None:
-        """Any <class>/<video> tree (avi, mp4, mkv, webm, mpg, ...); classes sorted by name."""
+        """Any <class>/<video> tree (avi, mp4, mkv, webm, mpg, ...); classes sorted by name.
+
+        A tree already split as train/, test/ (and val/) folders of <class>/ folders keeps its split.
+
+        Examples:
+
+          vcc prepare folder --root my_videos --val-ratio 0.2 --name clips
+          vcc prepare folder --root my_split   # my_split/{train,val,test}/<class>/
+        """
         from vcc.core.data.prepare import prepare_folder
 
         _run(prepare_folder, fmt, root=root, val_ratio=val_ratio, seed=seed, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
@@ -127,7 +156,13 @@ def register(app: typer.Typer) -> None:
         name: NameOpt = None,
         fmt: FormatOpt = Format.table,
     ) -> None:
-        """Generate the built-in motion dataset: shapes whose motion (not looks) gives the class."""
+        """Generate the built-in motion dataset: shapes whose motion (not looks) gives the class.
+
+        Examples:
+
+          vcc prepare synthetic
+          vcc prepare synthetic --classes 4 --videos-per-class 16 --name tiny
+        """
         from vcc.core.data.synthetic import prepare_synthetic
 
         _run(prepare_synthetic, fmt, name=name or "synthetic", classes=classes, videos_per_class=videos_per_class, frames=frames, size=size, seed=seed, holdout=holdout)

@@ -47,6 +47,14 @@ def register(app: typer.Typer) -> None:
         Channel methods remove whole output channels with Torch-Pruning's dependency graph, so
         residual adds (shortcut A and B), grouped/depthwise convs and BN stay consistent; the
         classifier keeps its classes. Nothing is written if anything fails.
+
+        Examples:
+
+          vcc prune base -d synthetic --method taylor --target-macs 0.5
+          vcc prune base -d synthetic --target-macs 0.5 --steps 3 --finetune-epochs 4
+          vcc prune base --method l1 --ratio 0.3 --ignore layer4
+          vcc prune base -d synthetic --method magnitude --sparsity 0.8
+          vcc prune lstm -d synthetic --method vib --kml 4
         """
         from vcc.commands._common import ProgressHook, log, parse_kv, progress, render, workspace
         from vcc.core.errors import UsageError

@@ -30,6 +30,12 @@ def register(app: typer.Typer) -> None:
 
         With --sensitivity, also prune each coupled channel group alone at every ratio, evaluate
         on the test split, and save sensitivity-METHOD.csv and .png beside the ranking.
+
+        Examples:
+
+          vcc rank base -d synthetic --method taylor --batches 8
+          vcc rank base --method l1
+          vcc rank base -d synthetic --sensitivity --ratios 0.2,0.4,0.6
         """
         from pathlib import Path
 

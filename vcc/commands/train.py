@@ -68,6 +68,13 @@ def register(app: typer.Typer) -> None:
         and [bold]--resume RUN[/bold] continues it exactly.
         Under [bold]torchrun --nproc_per_node N -m vcc train ...[/bold] it trains
         with DistributedDataParallel.
+
+        Examples:
+
+          vcc train -d synthetic -a r3d_tiny --epochs 20 --name base
+          vcc train -d ucf101 -a r3d_18 --frames 16 --size 112 --amp --compile
+          vcc train -d synthetic --init base --exits auto --kd progressive
+          vcc train -d synthetic --resume base
         """
         from vcc.commands._common import (
             ProgressHook,

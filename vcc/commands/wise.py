@@ -33,6 +33,11 @@ def register(app: typer.Typer) -> None:
         everything it ran) and the share leaving at each exit. Writes
         logits.safetensors, tradeoff.csv, wise.json and tradeoff.png into the
         run folder.
+
+        Examples:
+
+          vcc wise base-exits -d synthetic
+          vcc wise base-exits -d synthetic --lambda 0.01 --thresholds 0:1:21
         """
         from pathlib import Path
 

@@ -54,6 +54,16 @@ class Workspace:
     def runs_dir(self) -> Path:
         return self.root / "runs"
 
+    def check_writable(self, folder: Path) -> None:
+        """VccError unless `folder` (made if missing) takes a new file: checked before long work, not after it."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise VccError(f"cannot write to the workspace ({folder}): {exc.strerror or exc}") from None
+
     def dataset_dir(self, name: str) -> Path:
         return self.datasets_dir / check_name(name, "dataset name")
 

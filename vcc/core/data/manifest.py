@@ -77,6 +77,7 @@ class PrepareResult:
     classes: list[str]
     counts: dict[str, int]
     skipped: list[dict[str, str]]
+    warnings: list[str] = field(default_factory=list)  # for stderr; not part of the JSON document
 
     def doc(self) -> dict[str, Any]:
         """The `vcc prepare --format json` document."""

@@ -16,9 +16,11 @@ groups 21-25 (:data:`UCF11_TEST_GROUPS`); ``fold=K`` (1..25) holds out group K o
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,8 +52,13 @@ Candidate = tuple[Path | None, str, int, str]
 # ---------------------------------------------------------------- path helpers
 
 
+def _fold(name: str) -> str:
+    """A file name compared ignoring case and Unicode normal form (macOS writes NFD, lists say NFC)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 class CaseInsensitiveTree:
-    """Resolves relative paths under `root` ignoring case (exact matches win)."""
+    """Resolves relative paths under `root` ignoring case and Unicode normal form (exact matches win)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -63,14 +70,14 @@ class CaseInsensitiveTree:
                 names = os.listdir(d)
             except OSError:
                 names = []
-            self._dirs[d] = {n.lower(): n for n in sorted(names, reverse=True)}
+            self._dirs[d] = {_fold(n): n for n in sorted(names, reverse=True)}
         return self._dirs[d]
 
     def child(self, d: Path, name: str) -> Path | None:
-        """`d / name` if it exists, else the entry of `d` matching `name` ignoring case (or None)."""
+        """`d / name` if it exists, else the entry of `d` matching `name` ignoring case and normal form (or None)."""
         if (d / name).exists():
             return d / name
-        actual = self._listing(d).get(name.lower())
+        actual = self._listing(d).get(_fold(name))
         return d / actual if actual is not None else None
 
     def resolve(self, rel: str) -> Path | None:
@@ -124,6 +131,30 @@ def _read_lines(path: Path) -> list[str]:
 # ---------------------------------------------------------------- the common tail
 
 
+def replaced_note(folder: Path, source: str, options: dict[str, Any]) -> list[str]:
+    """A warning when `folder` holds a dataset prepared from another source or with other options
+    (re-running the same prepare is silent: it is idempotent)."""
+    try:
+        prev = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if prev.get("source") == source and prev.get("options") == options:
+        return []
+    root = (prev.get("options") or {}).get("root")
+    what = f"{prev.get('source', '?')}" + (f" {root}" if root else "") + (" with other options" if prev.get("source") == source else "")
+    return [f"replaced dataset {folder.name!r}, which was prepared from {what} (give --name to keep both)"]
+
+
+def empty_class_note(classes: list[str], entries: list[VideoEntry]) -> list[str]:
+    """A warning naming the classes with no training video (a model cannot learn them)."""
+    have = {e.label for e in entries if e.split == "train"}
+    empty = [c for i, c in enumerate(classes) if i not in have]
+    if not empty:
+        return []
+    shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+    return [f"{len(empty)} of {len(classes)} classes have no training videos: {shown}"]
+
+
 def _build(
     ws: Workspace,
     name: str,
@@ -145,6 +176,7 @@ def _build(
     if min_frames < 1:
         raise UsageError(f"--min-frames must be at least 1, got {min_frames}")
     check_holdout(holdout)
+    ws.check_writable(ws.datasets_dir)
     skipped = list(skipped or [])
     seen: set[Path] = set()
     to_probe: list[tuple[Path, int, str]] = []
@@ -153,7 +185,7 @@ def _build(
             skipped.append({"path": listed, "reason": "missing"})
             continue
         if path in seen:
-            skipped.append({"path": str(path), "reason": "listed twice"})
+            skipped.append({"path": os.path.abspath(path), "reason": "listed twice"})
             continue
         seen.add(path)
         to_probe.append((path, label, split))
@@ -161,11 +193,12 @@ def _build(
     entries: list[VideoEntry] = []
     for (path, label, split), pr in zip(to_probe, probes, strict=True):
         if not pr.ok:
-            skipped.append({"path": str(path), "reason": pr.reason})
+            skipped.append({"path": os.path.abspath(path), "reason": pr.reason})
         elif pr.n_frames < min_frames:
-            skipped.append({"path": str(path), "reason": f"too short ({pr.n_frames} frames < {min_frames})"})
+            skipped.append({"path": os.path.abspath(path), "reason": f"too short ({pr.n_frames} frames < {min_frames})"})
         else:
-            entries.append(VideoEntry(str(path.resolve()), label, split, pr.n_frames, pr.fps, pr.width, pr.height))
+            # absolute, but symlinks kept: the listed name carries the group (gXX) and the class
+            entries.append(VideoEntry(os.path.abspath(path), label, split, pr.n_frames, pr.fps, pr.width, pr.height))
     if split_auto is not None:
         _assign_splits(entries, classes, *split_auto)
     if holdout > 0:
@@ -174,9 +207,10 @@ def _build(
         first = f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise VccError(f"no usable videos found for {source} dataset {name!r}{first}")
     options = {**options, "min_frames": min_frames, **({"holdout": holdout} if holdout > 0 else {})}
+    warnings = replaced_note(ws.dataset_dir(name), source, options) + empty_class_note(classes, entries)
     with atomic_dir(ws.dataset_dir(name)) as tmp:
         counts = write_dataset(tmp, name, classes, entries, source=source, options=options, skipped=skipped)
-    return PrepareResult(name, ws.dataset_dir(name), list(classes), counts, skipped)
+    return PrepareResult(name, ws.dataset_dir(name), list(classes), counts, skipped, warnings)
 
 
 # ---------------------------------------------------------------- UCF101
@@ -395,18 +429,23 @@ def prepare_folder(
 ) -> PrepareResult:
     """Any `<root>/<class>/<video>` tree; `val_ratio` of each class (shuffled by `seed`) is the test split.
 
-    A tree with `train/<class>/...` and `test/<class>/...` (or `val/`) keeps its own split.
+    A tree with `train/<class>/...` and `test/<class>/...` keeps its own split, and a `val/` (or
+    `validation/`) beside them becomes the val split; `train/` + `val/` alone make train and test.
     """
     if not 0.0 <= val_ratio < 1.0:
         raise UsageError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     root_dir = _need_dir(root, "--root")
     train_dir = _find_child(root_dir, ("train",))
-    test_dir = _find_child(root_dir, ("test", "val", "validation"))
+    test_dir = _find_child(root_dir, ("test",))
+    val_dir = _find_child(root_dir, ("val", "validation"))
+    if test_dir is None:
+        test_dir, val_dir = val_dir, None
     presplit = train_dir is not None and test_dir is not None
     candidates: list[Candidate] = []
     if presplit:
-        classes = sorted({*_class_names(train_dir), *_class_names(test_dir)})
-        for split_name, d in (("train", train_dir), ("test", test_dir)):
+        parts = [("train", train_dir), *([("val", val_dir)] if val_dir is not None else []), ("test", test_dir)]
+        classes = sorted({c for _, d in parts for c in _class_names(d)})
+        for split_name, d in parts:
             for label, cls in enumerate(classes):
                 if (d / cls).is_dir():
                     candidates += [(p, str(p), label, split_name) for p in _class_videos(d / cls)]

@@ -6,8 +6,13 @@ opens new or changed files. It lives in the workspace (``datasets/.probe-cache.j
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import re
+import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +23,7 @@ from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_write_text
 
 CACHE_NAME = ".probe-cache.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: reasons without decord's C++ log prefixes
 
 
 @dataclass
@@ -34,6 +39,63 @@ class Probe:
     @property
     def ok(self) -> bool:
         return not self.reason
+
+
+@functools.cache
+def _quiet_ffmpeg() -> None:
+    """FFmpeg's own log lines (av_log) off: a bad file's trouble is reported as its skip reason."""
+    import decord.logging
+
+    decord.logging.set_level(decord.logging.QUIET)
+
+
+@contextlib.contextmanager
+def native_stderr_muted() -> Iterator[None]:
+    """Send what C/C++ code writes to file descriptor 2 (decord's `ERROR opening: ...` lines) to the
+    null device for the block, while Python's ``sys.stderr`` (progress bars, vcc's log lines) keeps
+    the real stderr. ``VCC_NATIVE_LOGS=1`` leaves descriptor 2 alone."""
+    if os.environ.get("VCC_NATIVE_LOGS"):
+        yield
+        return
+    old = sys.stderr
+    try:
+        py_on_fd2 = old is not None and old.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a captured or in-memory stream: not descriptor 2
+        py_on_fd2 = False
+    if py_on_fd2:
+        old.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    swapped = None
+    try:
+        os.dup2(devnull, 2)
+        if py_on_fd2:
+            swapped = open(saved, "w", encoding=getattr(old, "encoding", None) or "utf-8",  # noqa: SIM115 - closed below
+                           errors="replace", buffering=1, closefd=False)
+            sys.stderr = swapped
+        yield
+    finally:
+        if swapped is not None:
+            swapped.flush()
+            sys.stderr = old
+            swapped.close()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short skip reason from a decord error (without its C++ log prefix and source locations)."""
+    msg = first_line(exc, 400)
+    msg = re.sub(r"^\[\d\d:\d\d:\d\d\]\s+\S+:\d+:\s*", "", msg)
+    failed = re.match(r"Check failed:\s*([A-Za-z_]\w*)", msg)
+    if failed:
+        tail = re.search(r"\)\s*([A-Za-z][^()]*)$", msg)
+        return f"decoder setup failed ({failed.group(1)}{': ' + tail.group(1).strip() if tail else ''})"
+    msg = re.sub(r"^ERROR opening:\s*\S.*?,\s*", "", msg)
+    if msg.startswith("Error reading "):  # decord's whole message is the path: FFmpeg found no stream it can read
+        return "no readable video stream (not a video, or damaged)"
+    return msg if len(msg) <= 120 else msg[:117].rsplit(" ", 1)[0] + "..."
 
 
 def probe_video(path: str | Path) -> Probe:
@@ -52,6 +114,7 @@ def probe_video(path: str | Path) -> Probe:
     try:
         import decord
 
+        _quiet_ffmpeg()
         vr = decord.VideoReader(str(p), num_threads=1)
         n = len(vr)
         if n <= 0:
@@ -62,7 +125,7 @@ def probe_video(path: str | Path) -> Probe:
         fps = float(vr.get_avg_fps() or 0.0)
         return Probe(n_frames=n, fps=round(fps, 3), width=int(first[1]), height=int(first[0]))
     except Exception as exc:  # noqa: BLE001 - decord raises its own types for every kind of bad file
-        return Probe(reason=f"undecodable: {first_line(exc, 160)}")
+        return Probe(reason=f"undecodable: {_reason(exc)}")
 
 
 def _key(p: Path) -> str | None:
@@ -135,7 +198,7 @@ def probe_many(
     if progress:
         progress("probe", done, total, {"cached": done})
     n_workers = max(1, min(workers or min(4, os.cpu_count() or 1), len(todo) or 1))
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+    with native_stderr_muted(), ThreadPoolExecutor(max_workers=n_workers) as pool:
         futures = {pool.submit(probe_video, paths[i]): (i, key) for i, key in todo}
         for fut in as_completed(futures):
             i, key = futures[fut]

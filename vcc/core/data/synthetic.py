@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from vcc.core.data.manifest import PrepareResult, VideoEntry, load_dataset, write_dataset
-from vcc.core.data.prepare import check_holdout, hold_out
+from vcc.core.data.prepare import check_holdout, hold_out, replaced_note
 from vcc.core.errors import UsageError
 from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_dir
@@ -77,6 +77,8 @@ def prepare_synthetic(
     existing = _reuse(folder, options)
     if existing is not None:
         return existing
+    ws.check_writable(ws.datasets_dir)
+    warnings = replaced_note(folder, "synthetic", options)
 
     class_names = MOTIONS[:classes]
     n_test = max(1, round(videos_per_class * TEST_FRACTION))
@@ -98,7 +100,7 @@ def prepare_synthetic(
         if holdout > 0:
             hold_out(entries, class_names, holdout)
         counts = write_dataset(tmp, name, class_names, entries, source="synthetic", options=options)
-    return PrepareResult(name, folder, class_names, counts, [])
+    return PrepareResult(name, folder, class_names, counts, [], warnings)
 
 
 def _reuse(folder: Path, options: dict[str, Any]) -> PrepareResult | None:
