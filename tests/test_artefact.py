@@ -134,3 +134,16 @@ def test_resolve_model_by_run_name(tmp_path: Path) -> None:
         ws.resolve_model("nope")
     with pytest.raises(VccError, match="not found"):
         ws.resolve_model(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(VccError, match=r"run 'r1' has no last\.safetensors: it holds model\.safetensors"):
+        ws.resolve_model("r1:last")  # a run without that file is named as such, not as an unknown run
+
+
+def test_new_run_dir_refuses_an_existing_run(tmp_path: Path) -> None:
+    from vcc.core.errors import UsageError
+
+    ws = Workspace(tmp_path)
+    ws.run_dir("exits", create=True)
+    with pytest.raises(UsageError, match="run 'exits' already exists"):
+        ws.new_run_dir("exits", "wise-exits")
+    assert ws.new_run_dir(None, "exits") == ("exits-2", ws.run_dir("exits-2"))
+    assert not ws.run_dir("exits-2").exists()

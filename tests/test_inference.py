@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from tests.test_models import SLOW_FORWARD, SMALL_OPTIONS
 from vcc.core import inference
-from vcc.core.inference import OneDNNConv3d, fold_batchnorm, inference_form, select_cpu_kernels
+from vcc.core.inference import (
+    OneDNNConv3d,
+    PackedOneDNNConv3d,
+    fold_batchnorm,
+    inference_form,
+    select_cpu_kernels,
+)
 from vcc.core.models import build_model, list_models
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -61,16 +69,37 @@ def test_fold_batchnorm_in_sequentials_of_an_untraceable_model() -> None:
 
 @pytest.mark.parametrize(("stride", "padding", "dilation", "bias"), [(1, 1, 1, True), (2, 0, 1, False), ((1, 2, 2), (1, 3, 3), 1, True),
                                                                       (1, 2, 2, False)])
-def test_onednn_conv3d_is_the_same_function(stride, padding, dilation, bias) -> None:
+@pytest.mark.parametrize("kernel", [OneDNNConv3d, PackedOneDNNConv3d])
+def test_onednn_conv3d_is_the_same_function(stride, padding, dilation, bias, kernel) -> None:
     torch.manual_seed(0)
     conv = nn.Conv3d(5, 7, 3, stride=stride, padding=padding, dilation=dilation, bias=bias).eval()
-    fast = OneDNNConv3d.like(conv)
+    fast = kernel.like(conv)
     assert fast.state_dict().keys() == conv.state_dict().keys()
     x = torch.randn(1, 5, 6, 11, 11)
     with torch.no_grad():
         assert torch.allclose(fast(x), conv(x), atol=1e-5)
-        fast64 = OneDNNConv3d.like(conv.double())  # other dtypes take the default path
+        assert torch.allclose(fast(x[:, :, :4]), conv(x[:, :, :4]), atol=1e-5)  # another input shape
+        fast64 = kernel.like(conv.double())  # other dtypes take the default path
         assert torch.allclose(fast64(x.double()), conv(x.double()))
+
+
+def test_packed_conv3d_follows_its_weight_and_autograd() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv3d(4, 6, 3, padding=1)
+    packed = PackedOneDNNConv3d.like(conv)
+    x = torch.randn(1, 4, 3, 6, 6)
+    with torch.inference_mode():
+        first = packed(x)
+    with torch.no_grad():
+        conv.weight.mul_(2.0)  # shared parameter changed in place: the packed copy is rebuilt
+    with torch.inference_mode():
+        assert torch.allclose(packed(x), conv(x), atol=1e-5) and not torch.allclose(packed(x), first, atol=1e-3)
+    packed(x).sum().backward()  # with autograd it takes the default path, so gradients flow
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    twin = copy.deepcopy(packed)  # its oneDNN cache is not copied, its parameters are
+    with torch.inference_mode():
+        assert torch.allclose(twin(x), conv(x), atol=1e-5)
+    assert twin.weight is not conv.weight
 
 
 def test_select_cpu_kernels_swaps_what_it_chose_and_keeps_outputs() -> None:
@@ -80,10 +109,11 @@ def test_select_cpu_kernels_swaps_what_it_chose_and_keeps_outputs() -> None:
     with torch.no_grad():
         ref = model(x)
     key0 = inference._choice_key(model[0], x)
-    inference._CHOICES[key0] = True  # a remembered choice is not timed again
+    inference._CHOICES[key0] = "onednn"  # a remembered choice is not timed again
     try:
         n = select_cpu_kernels(model, x)
-        assert isinstance(model[0], OneDNNConv3d) and n == 1 + isinstance(model[2], OneDNNConv3d)
+        assert type(model[0]) is OneDNNConv3d and n == 1 + isinstance(model[2], OneDNNConv3d)
+        assert inference._CHOICES[inference._choice_key(model[2], model[1](model[0](x)))] in ("default", "onednn", "packed")
         assert inference._choice_key(model[2], model[1](model[0](x))) in inference._CHOICES  # the other one was timed
         with torch.no_grad():
             assert torch.allclose(model(x), ref, atol=1e-5)
@@ -114,7 +144,8 @@ def test_inference_form_of_a_masked_model_keeps_its_masks() -> None:
 def test_onednn_conv3d_compiles() -> None:
     # the compiled graph takes the default path (fake tensors cannot run oneDNN's op)
     torch.manual_seed(0)
-    model = nn.Sequential(OneDNNConv3d.like(nn.Conv3d(3, 4, 3, padding=1)), nn.ReLU()).eval()
+    model = nn.Sequential(OneDNNConv3d.like(nn.Conv3d(3, 4, 3, padding=1)), nn.ReLU(),
+                          PackedOneDNNConv3d.like(nn.Conv3d(4, 4, 3, padding=1))).eval()
     x = torch.randn(1, 3, 4, 8, 8)
     compiled = torch.compile(model, backend="eager")
     with torch.inference_mode():

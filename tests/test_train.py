@@ -119,23 +119,45 @@ def test_resume_is_bit_exact(ws, tiny_synthetic) -> None:
     assert [r["train_loss"] for r in lines] == [r["train_loss"] for r in full]
 
 
-def test_interrupt_keeps_resumable_checkpoint(tmp_path) -> None:
-    """KeyboardInterrupt mid-run saves a checkpoint; resume=True finishes the run."""
+def test_interrupt_mid_epoch_resumes_bit_exactly(tmp_path) -> None:
+    """A KeyboardInterrupt after part of epoch 2 keeps epoch 1's checkpoint; resuming redoes epoch 2
+    from its start and ends with the weights of an uninterrupted run (it used to continue from
+    weights that had already taken epoch 2's batches, so they were applied twice)."""
+    cfg = TrainConfig(epochs=3, device="cpu", warmup=0, workers=0, seed=5)
     model, meta = _tiny()
-    cfg = TrainConfig(epochs=2, device="cpu", warmup=0, workers=0)
+    whole = fit(model, meta, _memory_loaders(), cfg, tmp_path / "whole", epoch_hook=lambda e, m: {"hook": e})
 
     def boom(epoch: int, m: nn.Module) -> dict:
-        if epoch == 1:
+        if epoch == 1:  # epoch 2's batches have run
             raise KeyboardInterrupt
         return {"hook": epoch}
 
     with pytest.raises(KeyboardInterrupt):
-        fit(model, meta, _memory_loaders(), cfg, tmp_path, epoch_hook=boom)
-    doc = read_doc(tmp_path / "checkpoint.safetensors")
-    assert doc["interrupted"] == {"epoch": 1, "batch": 1} and doc["epoch"] == 1
-    model2, _ = _tiny()
-    res = fit(model2, meta, _memory_loaders(), cfg, tmp_path, resume=True, epoch_hook=lambda e, m: {"hook": e})
-    assert [h["epoch"] for h in res.history] == [1, 2] and res.history[0]["hook"] == 0
+        fit(_tiny()[0], meta, _memory_loaders(), cfg, tmp_path / "cut", epoch_hook=boom)
+    summary = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
+    assert summary["interrupted"] == {"epoch": 1, "batch": 1} and summary["epoch"] == 1
+    assert read_doc(tmp_path / "cut" / "checkpoint.safetensors")["interrupted"] is None  # epoch 1's state, whole
+    res = fit(_tiny()[0], meta, _memory_loaders(), cfg, tmp_path / "cut", resume=True, epoch_hook=lambda e, m: {"hook": e})
+    assert [h["epoch"] for h in res.history] == [1, 2, 3] and res.history[0]["hook"] == 0
+    assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in whole.history]
+    a, b = _state(whole.last_path), _state(res.last_path)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_interrupt_in_the_first_epoch_resumes_from_the_start(tmp_path) -> None:
+    cfg = TrainConfig(epochs=1, device="cpu", warmup=0, workers=0, seed=5)
+    model, meta = _tiny()
+    whole = fit(model, meta, _memory_loaders(), cfg, tmp_path / "whole")
+
+    def boom(epoch: int, m: nn.Module) -> dict:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_tiny()[0], meta, _memory_loaders(), cfg, tmp_path / "cut", epoch_hook=boom)
+    assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["epoch"] == 0
+    res = fit(_tiny()[0], meta, _memory_loaders(), cfg, tmp_path / "cut", resume=True)
+    a, b = _state(whole.last_path), _state(res.last_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture
@@ -166,8 +188,9 @@ def test_ctrl_c_stops_at_a_batch_boundary_not_inside_running_code(tmp_path, sigi
     with pytest.raises(KeyboardInterrupt):
         fit(model, meta, _memory_loaders(), cfg, tmp_path, epoch_hook=hook)
     assert finished == [0]
-    doc = read_doc(tmp_path / "checkpoint.safetensors")
-    assert doc["interrupted"] == {"epoch": 1, "batch": 0} and doc["epoch"] == 1 and len(doc["history"]) == 1
+    doc = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert doc["interrupted"] == {"epoch": 1, "batch": 0} and doc["epoch"] == 1
+    assert len(read_doc(tmp_path / "checkpoint.safetensors")["history"]) == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
@@ -178,7 +201,14 @@ def test_ctrl_c_exits_130_with_checkpoint(ws, tiny_synthetic) -> None:
                             preexec_fn=_sigint_default)
     ckpt = ws.run_dir("cc") / "checkpoint.json"
     deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+
+    def epochs_done() -> int:
+        try:
+            return int(json.loads(ckpt.read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    while epochs_done() < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert ckpt.exists()
     proc.send_signal(signal.SIGINT)

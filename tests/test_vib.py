@@ -322,3 +322,17 @@ def test_prune_vib_on_3d_cnn_channels(tiny_model, tiny_synthetic, tmp_path) -> N
     x = torch.randn(2, 3, 8, 32, 32)
     with torch.no_grad():
         assert (dense(x) - model(x)).abs().max() <= 1e-4
+
+
+def test_vib_warnings_name_nothing_pruned_and_emptied_layers() -> None:
+    from vcc.core.compress.vib import vib_warnings
+
+    common = {"finetune": False, "kml": 1.0, "kl_factor": 2e-3, "kml_layer": {}, "epochs": 2}
+    assert vib_warnings({"lstm.l0.hidden": (100, 128)}, **common) == []
+    (w,) = vib_warnings({"lstm.l0.input": (64, 64), "lstm.l0.hidden": (128, 128)}, **common)
+    assert w.startswith("VIB pruned nothing in 2 epochs")
+    (w,) = vib_warnings({"lstm.l0.input": (10, 64), "lstm.l0.hidden": (0, 128)}, **common)
+    assert "every unit of lstm.l0.hidden" in w and "--kml-layer lstm.l0.hidden=K" in w
+    (w,) = vib_warnings({"lstm.l0.hidden": (128, 128)}, **{**common, "kml": 0.0})
+    assert w.startswith("--kml 0")
+    assert vib_warnings({"lstm.l0.hidden": (0, 128)}, **{**common, "finetune": True}) == []

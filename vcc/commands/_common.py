@@ -193,7 +193,9 @@ def fit_report(res: Any, title: str, doc: dict[str, Any] | None = None) -> Repor
         table.add(h.get("epoch"), h.get("train_loss"), h.get("train_acc"), h.get("val_video_top1"), h.get("clips_per_s"), h.get("time_s"))
     notes = list(getattr(res, "notes", []) or [])
     if best:
-        notes.append(f"best epoch {best.get('epoch')}: val video top-1 {best.get('val_video_top1')}; model: {fr.model_path}")
+        score = (f"val video top-1 {best['val_video_top1']}" if best.get("val_video_top1") is not None
+                 else f"lowest train loss {best.get('train_loss')} (no validation split)")
+        notes.append(f"best epoch {best.get('epoch')}: {score}; model: {fr.model_path}")
     if fr.selected_on == "test":
         notes.append(f"the best epoch was chosen on the test split (the dataset has no other), so its top-1 is optimistic; "
                      f"{res.name}:last is the unselected model")
@@ -204,4 +206,4 @@ def interrupted(run: str | None) -> Exception:
     """The one-line error (exit 130) for Ctrl-C during a run whose checkpoint is kept."""
     from vcc.core.errors import VccError
 
-    return VccError(f"interrupted: the last checkpoint is kept; continue with `vcc train --resume {run or 'RUN'}`", exit_code=130)
+    return VccError(f"interrupted: the checkpoint of the last completed epoch is kept; continue with `vcc train --resume {run or 'RUN'}` (it redoes the interrupted epoch)", exit_code=130)

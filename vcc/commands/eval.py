@@ -80,7 +80,8 @@ def register(app: typer.Typer) -> None:
         res["confusion_csv"] = str(cm_path)
         res["model"] = str(path)
         res["dataset"] = info.name
-        summary = Table(["metric", "value"], title=f"{path.name} on {info.name}/{split}")
+        shown = model if path.name != Path(model).name else path.name  # the run name as typed, else the file
+        summary = Table(["metric", "value"], title=f"{shown} on {info.name}/{split}")
         for key in ("clip_top1", "clip_top5", "video_top1", "video_top5"):
             summary.add(key.replace("_", " "), round(100 * res[key], 2))
         summary.add("videos", res["videos"])

@@ -37,7 +37,6 @@ def register(app: typer.Typer) -> None:
         from vcc.core.artefact import load_model, provenance, save_model
         from vcc.core.compress import compare_table
         from vcc.core.compress.port import export_onnx, port_model
-        from vcc.core.errors import UsageError
         from vcc.core.evaluate import summarise_model
         from vcc.core.report import Report, Table
         from vcc.core.workspace import atomic_dir
@@ -46,10 +45,7 @@ def register(app: typer.Typer) -> None:
         model_path = ws.resolve_model(model)
         data_path = ws.resolve_dataset(data) if data else None
         stem = Path(model).name.removesuffix(".safetensors") if model_path.name == Path(model).name else model.split(":")[0]
-        run_name = name or ws.unique_run_name(f"port-{stem}".replace("/", "-"))
-        run_dir = ws.run_dir(run_name)
-        if run_dir.exists():
-            raise UsageError(f"run {run_name!r} already exists in {ws.runs_dir}; choose another --name")
+        run_name, run_dir = ws.new_run_dir(name, f"port-{stem}".replace("/", "-"))
         net, meta = load_model(model_path)
         dense, dense_meta, info = port_model(net, meta)
 

@@ -65,9 +65,7 @@ def register(app: typer.Typer) -> None:
         model_path = ws.resolve_model(model)
         data_path = ws.resolve_dataset(data) if data else None
         method_l = method.lower()
-        run_name = name or ws.unique_run_name(f"prune-{method_l}")
-        if name is not None and (ws.runs_dir / name).exists():
-            raise UsageError(f"run {name!r} already exists in {ws.runs_dir}; choose another --name")
+        run_name, _ = ws.new_run_dir(name, f"prune-{method_l}")
         from vcc.core.artefact import read_doc
         from vcc.core.training import TrainConfig
 
@@ -94,6 +92,8 @@ def register(app: typer.Typer) -> None:
                         finetune=finetune, progress=hook,
                     )
                 res = _relocate(res, str(tmp), str(run_dir))
+                for w in res.get("warnings", []):
+                    log(f"warning: {w}")
                 tables = []
                 if res.get("table"):
                     tables.append(Table(list(res.get("columns") or [f"c{i}" for i in range(len(res["table"][0]))]), [list(r) for r in res["table"]], title="VIB: kept units per layer"))

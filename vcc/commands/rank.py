@@ -80,10 +80,7 @@ def register(app: typer.Typer) -> None:
             save(Path(out))
             written["ranking"] = str(Path(out))
         else:
-            run_name = name or ws.unique_run_name(f"rank-{method_l}")
-            run_dir = ws.run_dir(run_name)
-            if run_dir.exists():
-                raise UsageError(f"run {run_name!r} already exists in {ws.runs_dir}; choose another --name")
+            run_name, run_dir = ws.new_run_dir(name, f"rank-{method_l}")
             with atomic_dir(run_dir, replace=False) as tmp:
                 save(Path(out) if out else tmp / f"ranking-{method_l}.safetensors")
                 if rows is not None:

@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
           vcc wise base-exits -d synthetic
           vcc wise base-exits -d synthetic --lambda 0.01 --thresholds 0:1:21
         """
+        import shutil
         from pathlib import Path
 
         from vcc.commands._common import ProgressHook, log, progress, render, workspace
@@ -48,18 +49,18 @@ def register(app: typer.Typer) -> None:
         model_path = ws.resolve_model(model)
         data_path = ws.resolve_dataset(data)
         thr = parse_thresholds(thresholds)
-        if name is None:
-            stem = model_path.parent.name if model_path.name == "model.safetensors" else model_path.stem
-            base = f"wise-{stem}" if stem and stem[0].isalnum() else "wise"
-            run_name = ws.unique_run_name("".join(c if c.isalnum() or c in "_.+-" else "-" for c in base))
-        else:
-            run_name = name
-        run_dir = ws.run_dir(run_name)
-        with progress(transient=True) as prog:
-            doc = run_wise(
-                model_path, Path(data_path), run_dir, lam=lam, iters=iters, lr=lr, thresholds=thr,
-                batch_size=batch_size, device=device, workers=workers, fit_split=fit_split, progress=ProgressHook(prog),
-            )
+        stem = model_path.parent.name if model_path.name == "model.safetensors" else model_path.stem
+        base = f"wise-{stem}" if stem and stem[0].isalnum() else "wise"
+        run_name, run_dir = ws.new_run_dir(name, "".join(c if c.isalnum() or c in "_.+-" else "-" for c in base))
+        try:
+            with progress(transient=True) as prog:
+                doc = run_wise(
+                    model_path, Path(data_path), run_dir, lam=lam, iters=iters, lr=lr, thresholds=thr,
+                    batch_size=batch_size, device=device, workers=workers, fit_split=fit_split, progress=ProgressHook(prog),
+                )
+        except BaseException:  # nothing half-written: the run folder is new (new_run_dir checked)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         doc["run"] = run_name
         log(f"wrote {run_dir} (logits.safetensors, tradeoff.csv, wise.json, tradeoff.png)")
         render(_report(doc), fmt)

@@ -6,7 +6,10 @@ vol2col + GEMM (`slow_conv3d`), the rest to oneDNN. Channel pruning shrinks C, s
 cross that line: in r3d_18 at 16x112², pruning to half the MACs moved layer2's convs from oneDNN
 to vol2col and made them 3-5x slower, so half the MACs bought 1.17x instead of 1.7x
 (bench/RESULTS.md). An inference runtime (oneDNN graph, TensorRT, cuDNN's benchmark mode) picks
-kernels by measuring; :func:`select_cpu_kernels` does the same for the two PyTorch offers.
+kernels by measuring; :func:`select_cpu_kernels` does the same for the two PyTorch offers, and
+for a third: oneDNN with the weight reordered once into its blocked layout (what inductor's
+freezing and other inference runtimes do), instead of on every call as `mkldnn_convolution`
+does with a plain weight; on small convs that reorder costs more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from torch import fx, nn
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-MARGIN = 0.9  # oneDNN replaces the default kernel only when it takes < 90% of its time
-_CHOICES: dict[tuple, bool] = {}  # per process: (shapes, conv options, threads) -> oneDNN is faster
+MARGIN = 0.9  # another kernel replaces the default one only when it takes < 90% of its time
+_CHOICES: dict[tuple, str] = {}  # per process: (shapes, conv options, threads) -> "default", "onednn" or "packed"
 
 
 class OneDNNConv3d(nn.Conv3d):
@@ -47,6 +50,41 @@ class OneDNNConv3d(nn.Conv3d):
         new.weight = conv.weight
         new.bias = conv.bias
         return new
+
+
+class PackedOneDNNConv3d(OneDNNConv3d):
+    """A OneDNNConv3d whose weight is reordered once into oneDNN's blocked layout (for one input shape).
+
+    The packed copy is rebuilt when the weight changes; with autograd on (training, or a gradient
+    asked for), other devices and dtypes, and under torch.compile it takes the default path.
+    The state dict is nn.Conv3d's.
+    """
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        key = (self.weight._version, id(self.weight), tuple(x.shape))
+        if getattr(self, "_packed_key", None) != key:
+            with torch.no_grad():
+                self._packed = torch._C._nn.mkldnn_reorder_conv3d_weight(
+                    self.weight.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
+                    self.groups, list(x.shape))
+            self._packed_key = key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return nn.Conv3d.forward(self, x)
+        return torch.ops.mkldnn._convolution_pointwise(x.contiguous(), self._pack(x), self.bias, list(self.padding),
+                                                       list(self.stride), list(self.dilation), self.groups, "none", [], "")
+
+    def __deepcopy__(self, memo: dict) -> PackedOneDNNConv3d:  # the packed (oneDNN) tensor is a cache: not copied
+        new = PackedOneDNNConv3d.like(self)
+        new.weight = copy.deepcopy(self.weight, memo)
+        new.bias = copy.deepcopy(self.bias, memo)
+        return new
+
+
+_KERNELS: dict[str, Any] = {"onednn": OneDNNConv3d, "packed": PackedOneDNNConv3d}
 
 
 class _LeafTracer(fx.Tracer):
@@ -131,9 +169,10 @@ def _median_s(fn: Any, x: torch.Tensor, runs: int) -> float:
 
 
 def select_cpu_kernels(model: nn.Module, example: torch.Tensor, runs: int = 3) -> int:
-    """Swap (in place) each float32 CPU Conv3d of `model` for a :class:`OneDNNConv3d` where oneDNN is faster.
+    """Swap (in place) each float32 CPU Conv3d of `model` for a :class:`OneDNNConv3d` or a
+    :class:`PackedOneDNNConv3d` where that kernel is faster than PyTorch's choice.
 
-    Each conv is timed with both kernels on its own input from one forward of `example` (the
+    Each conv is timed with the three kernels on its own input from one forward of `example` (the
     choice is for that shape; any other shape still computes the same function). Choices are
     remembered per process by shapes, options and thread count. Returns the number of convs swapped.
     """
@@ -161,14 +200,15 @@ def select_cpu_kernels(model: nn.Module, example: torch.Tensor, runs: int = 3) -
                 continue
             key = _choice_key(conv, x)
             if key not in _CHOICES:
-                try:
-                    t_default = _median_s(conv, x, runs)  # PyTorch's own choice
-                    t_onednn = _median_s(OneDNNConv3d.like(conv), x, runs)
-                    _CHOICES[key] = t_onednn < MARGIN * t_default
-                except RuntimeError:  # a build without this oneDNN op
-                    _CHOICES[key] = False
-            if _CHOICES[key]:
-                _set_module(model, name, OneDNNConv3d.like(conv))
+                times = {"default": _median_s(conv, x, runs)}  # PyTorch's own choice
+                for kind, cls in _KERNELS.items():
+                    try:
+                        times[kind] = _median_s(cls.like(conv), x, runs) / MARGIN
+                    except (RuntimeError, NotImplementedError, AttributeError):  # a build without this oneDNN op
+                        pass
+                _CHOICES[key] = min(times, key=times.__getitem__)
+            if _CHOICES[key] != "default":
+                _set_module(model, name, _KERNELS[_CHOICES[key]].like(conv))
                 swapped += 1
     return swapped
 

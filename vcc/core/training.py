@@ -11,7 +11,9 @@ video-level accuracy on the test split, and keeps under the run folder:
 
 Resuming (`resume=True`) continues bit-exactly from the last completed epoch: each epoch seeds
 every RNG (and the loader's generator) from ``seed + epoch``, so an epoch is a pure function of the
-weights and optimizer state it starts from.
+weights and optimizer state it starts from. That is also why a Ctrl-C keeps the checkpoint of the
+last completed epoch (one is written before the first epoch too) and only notes where it stopped:
+the interrupted epoch is redone from its start, not continued from weights that already took part of it.
 """
 
 from __future__ import annotations
@@ -625,6 +627,8 @@ def _fit(
     stop_at = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     epoch = start_epoch
     batch_i = 0
+    if dd.main and not resume:  # the state a Ctrl-C in the first epoch resumes from
+        _save_checkpoint(ckpt_path, raw, out_meta, cfg, optimizer, scheduler, scaler, loaders.train, start_epoch, history, best, None)
     ctrl_c = _DeferredInterrupt() if dd.world == 1 else None
     try:
         for epoch in range(start_epoch, stop_at):
@@ -718,9 +722,8 @@ def _fit(
         # After a Ctrl-C, a loader worker killed by the same signal surfaces as a RuntimeError: the interrupt too.
         if not isinstance(exc, KeyboardInterrupt) and not (ctrl_c and ctrl_c.requested):
             raise
-        if dd.main:
-            _save_checkpoint(ckpt_path, raw, out_meta, cfg, optimizer, scheduler, scaler, loaders.train, epoch, history, best,
-                             {"epoch": epoch, "batch": batch_i})
+        if dd.main:  # the checkpoint of the last completed epoch stays; its summary says where the run stopped
+            _note_interrupt(ckpt_path, {"epoch": epoch, "batch": batch_i})
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise KeyboardInterrupt from exc
@@ -795,6 +798,16 @@ def _save_checkpoint(
     atomic_write_json(path.with_suffix(".json"), {"checkpoint": path.name, **summary})
 
 
+def _note_interrupt(path: Path, where: dict[str, int]) -> None:
+    """Record in the checkpoint's readable summary that the run stopped at `where` (epoch index, batch)."""
+    summary_path = path.with_suffix(".json")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return
+    atomic_write_json(summary_path, {**summary, "interrupted": where})
+
+
 def read_checkpoint_doc(run_dir: str | Path) -> dict[str, Any]:
     """The JSON document of a run's checkpoint (config, meta, epoch, history) without its state."""
     from vcc.core.artefact import read_doc
@@ -827,8 +840,8 @@ def _restore(path: Path, raw: nn.Module, optimizer: Any, scheduler: Any, scaler:
     set_rng_state(parts.get("rng", {}), gen if isinstance(gen, torch.Generator) else None)
     epoch = int(doc["epoch"])
     if doc.get("interrupted"):
-        # Stopped mid-epoch: that epoch restarts from its first batch with the saved weights,
-        # so the schedule goes back to the epoch's first step.
+        # A checkpoint written mid-epoch by an earlier vcc (it saved the weights of the interrupted
+        # epoch): that epoch restarts from its first batch, so the schedule goes back to its first step.
         scheduler.last_epoch = epoch * steps_per_epoch
         for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
             group["lr"] = base * fn(scheduler.last_epoch)

@@ -116,8 +116,21 @@ class Workspace:
             for cand in candidates:
                 if cand.is_file():
                     return cand
+            if run.is_dir():
+                what = f"no {which}.safetensors" if which else "no model (model/best/last.safetensors)"
+                raise VccError(f"run {name!r} has {what}: it holds {', '.join(sorted(p.name for p in run.iterdir())) or 'nothing'}")
         known = ", ".join(self.runs()) or "none"
         raise VccError(f"model {spec!r} is neither a .safetensors file nor a run in {self.runs_dir} (runs: {known})")
+
+    def new_run_dir(self, name: str | None, default_base: str) -> tuple[str, Path]:
+        """(name, folder) of a run to create: `name` if given and free (else UsageError), or a free
+        `default_base`, `default_base-2`, ... The folder is not made."""
+        if name is None:
+            name = self.unique_run_name(default_base)
+        path = self.run_dir(name)
+        if path.exists():
+            raise UsageError(f"run {name!r} already exists in {self.runs_dir}; choose another --name")
+        return name, path
 
     def unique_run_name(self, base: str) -> str:
         """`base`, or `base-2`, `base-3`, ... whichever does not exist yet."""

@@ -10,6 +10,7 @@ no wrappers has nothing to remove and ports to an equal copy.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,8 @@ def export_onnx(model: nn.Module, meta: Any, path: str | Path) -> dict[str, Any]
     """Export to ONNX (legacy TorchScript exporter), reload and run onnx.checker; atomic."""
     try:
         import onnx
-    except ImportError as exc:  # pragma: no cover - onnx is a dependency
-        raise VccError("ONNX export needs the 'onnx' package") from exc
+    except ImportError as exc:  # an optional extra
+        raise VccError("ONNX export needs the 'onnx' package: pip install 'vcc[onnx]'") from exc
     from vcc.core.workspace import atomic_path
 
     path = Path(path)
@@ -170,10 +171,12 @@ def export_onnx(model: nn.Module, meta: Any, path: str | Path) -> dict[str, Any]
     model = model.cpu().eval()
     with atomic_path(path) as tmp:
         try:
-            torch.onnx.export(
-                model, (x,), str(tmp), dynamo=False, input_names=["clip"], output_names=["logits"],
-                dynamic_axes={"clip": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-            )
+            with warnings.catch_warnings():  # the exporter's advice to torch developers is not the user's business
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model, (x,), str(tmp), dynamo=False, input_names=["clip"], output_names=["logits"],
+                    dynamic_axes={"clip": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                )
             proto = onnx.load(str(tmp))
             onnx.checker.check_model(proto)
         except VccError:

@@ -711,7 +711,27 @@ def prune_vib(
     for key in ("lstm_params_before", "lstm_params_after", "channels_before", "channels_after"):
         if key in summ:
             doc[key] = summ[key]
+    doc["warnings"] = vib_warnings(summ["kept"], finetune=finetune, kml=kml, kl_factor=kl_factor, kml_layer=kml_layer,
+                                   epochs=cfg.epochs)
     return doc
+
+
+def vib_warnings(kept: dict[str, Any], *, finetune: bool, kml: float, kl_factor: float, kml_layer: dict[str, float],
+                 epochs: int) -> list[str]:
+    """What a user should know about a VIB result: nothing pruned (too little pressure or training),
+    or a layer pruned to nothing (the model can no longer use it)."""
+    out: list[str] = []
+    if finetune:
+        return out
+    if (kml == 0 and not any(kml_layer.values())) or kl_factor == 0:
+        out.append("--kml 0 (or --kl-factor 0) puts no pressure on the gates: nothing is meant to be pruned")
+    elif kept and all(int(k) == int(n) for k, n in kept.values()):
+        out.append(f"VIB pruned nothing in {epochs} epochs: train longer (--epochs), or raise --ib-lr, --kml or --kl-factor")
+    empty = [name for name, (k, _n) in kept.items() if int(k) == 0]
+    if empty:
+        out.append(f"VIB pruned every unit of {', '.join(empty)}: what flows through it is lost; "
+                   f"lower --kml (or --kml-layer {empty[0]}=K)")
+    return out
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
