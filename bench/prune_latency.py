@@ -47,7 +47,7 @@ def main() -> None:
     from vcc.core.compress.prune import count_macs, prune_to_macs
     from vcc.core.compress.rank import rank
     from vcc.core.evaluate import median_ms
-    from vcc.core.inference import OneDNNConv3d, inference_form
+    from vcc.core.inference import OneDNNConv3d, PackedOneDNNConv3d, inference_form
     from vcc.core.models import build_model
     from vcc.core.sysinfo import device_name
 
@@ -83,7 +83,9 @@ def main() -> None:
             row[form] = {
                 "unpruned_ms": round(b, 2), "pruned_ms": round(p, 2), "speedup": round(b / p, 3),
                 "speedup_over_macs_reduction": round(b / p / reduction, 3),
-                "onednn_convs": {k: sum(isinstance(m, OneDNNConv3d) for m in forms[(form, k)].modules()) for k in ("unpruned", "pruned")},
+                "onednn_convs": {k: sum(type(m) is OneDNNConv3d for m in forms[(form, k)].modules()) for k in ("unpruned", "pruned")},
+                "packed_onednn_convs": {k: sum(type(m) is PackedOneDNNConv3d for m in forms[(form, k)].modules())
+                                        for k in ("unpruned", "pruned")},
             }
         row["chosen_vs_default"] = {k: round(row["default"][f"{k}_ms"] / row["chosen"][f"{k}_ms"], 3) for k in ("unpruned", "pruned")}
         doc["threads"][str(th)] = row

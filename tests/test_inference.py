@@ -150,3 +150,25 @@ def test_onednn_conv3d_compiles() -> None:
     compiled = torch.compile(model, backend="eager")
     with torch.inference_mode():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+class _Sleepy(nn.Module):
+    """The same function as its inner module, 5 ms slower."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.005)
+        return self.inner(x)
+
+
+def test_faster_keeps_the_form_that_runs_faster_whole() -> None:
+    conv = nn.Conv3d(3, 4, 3, padding=1).eval()
+    x = torch.randn(1, 3, 4, 8, 8)
+    slow = _Sleepy(conv)
+    assert inference.faster(slow, conv, x) is conv
+    assert inference.faster(conv, slow, x) is conv

@@ -79,6 +79,10 @@ def register(app: typer.Typer) -> None:
                 exit_table.add(row["exit"], row["stage"], round(row["macs"] / 1e9, 3), row["macs"], round(100.0 * row["macs"] / full, 1))
             tables.append(exit_table)
         notes = ["MACs = multiply-accumulates (one fused multiply-add each), not FLOPs; batch size 1."]
+        if exits:
+            notes.append(f"MACs above: one forward to the final classifier ({res.macs:,}), without the exit heads; the "
+                         f"final exit's {exits[-1]['macs']:,} also charges every head a sample passes on the way "
+                         "(params count the heads too).")
         if res.ignored:
             notes.append(f"Not MACs (elementwise, pooling, norms): {', '.join(res.ignored)}.")
         if res.uncounted:

@@ -158,10 +158,12 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _median_s(fn: Any, x: torch.Tensor, runs: int) -> float:
+def _median_s(fn: Any, x: torch.Tensor, runs: int, budget_s: float = 0.01, most: int = 25) -> float:
+    """Median time of `fn(x)`: at least `runs` calls, more (up to `most`) while they fit in `budget_s`,
+    so a conv of microseconds is not judged on three noisy samples."""
     fn(x)  # warm-up (oneDNN builds its primitive on the first call)
-    times = []
-    for _ in range(runs):
+    times: list[float] = []
+    while len(times) < runs or (len(times) < most and sum(times) < budget_s):
         t0 = time.perf_counter()
         fn(x)
         times.append(time.perf_counter() - t0)
@@ -213,6 +215,22 @@ def select_cpu_kernels(model: nn.Module, example: torch.Tensor, runs: int = 3) -
     return swapped
 
 
+def faster(a: nn.Module, b: nn.Module, example: torch.Tensor, rounds: int = 25, budget_s: float = 0.5) -> nn.Module:
+    """Whichever of `a` and `b` runs `example` faster: the median of interleaved single calls (at
+    least 3 each, up to `rounds` while they fit in `budget_s`); `a` must win, ties go to `b`."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    with torch.inference_mode():
+        a(example)
+        b(example)
+        start = time.perf_counter()
+        while len(times[0]) < 3 or (len(times[0]) < rounds and time.perf_counter() - start < budget_s):
+            for i, fn in enumerate((a, b)):
+                t0 = time.perf_counter()
+                fn(example)
+                times[i].append(time.perf_counter() - t0)
+    return a if statistics.median(times[0]) < statistics.median(times[1]) else b
+
+
 def _choice_key(conv: nn.Conv3d, x: torch.Tensor) -> tuple:
     return (tuple(x.shape), tuple(x.stride()), tuple(conv.weight.shape), conv.bias is not None, conv.stride,
             conv.padding, conv.dilation, torch.get_num_threads())
@@ -233,7 +251,10 @@ def inference_form(model: nn.Module, example: torch.Tensor, *, kernels: bool = T
     except RuntimeError:  # a model that cannot be copied (a mask's weight computed with autograd): time it as it is
         return model
     if kernels:
-        select_cpu_kernels(form, example)
+        plain = copy.deepcopy(form)
+        if select_cpu_kernels(form, example):
+            # each conv was timed alone; keep the swaps only if the whole model is faster with them
+            form = faster(form, plain, example)
     with torch.inference_mode():
         ref, got = _tensors(model(example)), _tensors(form(example))
     ok = len(ref) == len(got) > 0 and all(a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, ref, strict=True))
