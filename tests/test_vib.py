@@ -293,6 +293,9 @@ def test_cli_prune_vib_then_port(tiny_lstm_model, tiny_synthetic, tmp_path) -> N
     proc = run_vcc("-w", ws, "port", "v", "--name", "d", "--format", "json", check=True)
     port = json.loads(proc.stdout)
     assert port["kind"] == "vib" and port["max_abs_diff"] <= 1e-4
+    # prune's before -> after table: the original model -> its dense port, the same figures `vcc port` gives
+    assert doc["before"]["macs"] >= doc["after"]["macs"] == port["after"]["macs"]
+    assert doc["after"]["params"] == port["after"]["params"] and 0 <= doc["after"]["video_top1"] <= 1
     dense, dmeta = load_model(port["model"])
     assert not vib.gated(dense) and "vib" not in [w["name"] for w in dmeta.wrappers]
 

@@ -94,12 +94,27 @@ def register(app: typer.Typer) -> None:
                 res = _relocate(res, str(tmp), str(run_dir))
                 for w in res.get("warnings", []):
                     log(f"warning: {w}")
-                tables = []
+                # before -> after like every other method; the saved model is gated (its MACs fall only
+                # when `vcc port` makes it dense), so "after" is that dense port, measured now
+                from vcc.core.artefact import load_model
+                from vcc.core.compress import compare_table
+                from vcc.core.compress.port import port_model
+                from vcc.core.evaluate import summarise_model
+
+                net, meta = load_model(model_path)
+                before = summarise_model(net, meta, data_path, clips=eval_clips, latency_runs=latency_runs, progress=hook)
+                gated, gmeta = load_model(run_dir / "model.safetensors")
+                dense, dmeta, _ = port_model(gated, gmeta)
+                after = summarise_model(dense, dmeta, data_path, clips=eval_clips, latency_runs=latency_runs, progress=hook)
+                res = {**res, "before": before, "after": after}
+                tables = [compare_table(before, after, title=f"vcc prune --method vib: {model} -> {run_name} (after: its dense port)")]
                 if res.get("table"):
                     tables.append(Table(list(res.get("columns") or [f"c{i}" for i in range(len(res["table"][0]))]), [list(r) for r in res["table"]], title="VIB: kept units per layer"))
                 scalars = [[k, v] for k, v in res.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
                 tables.append(Table(["key", "value"], scalars, title=f"vcc prune --method vib -> {run_name}"))
-                render(Report({"run": run_name, **res}, tables, [f"model: {run_dir / 'model.safetensors'}"]), fmt)
+                render(Report({"run": run_name, **res}, tables, [
+                    f"model: {run_dir / 'model.safetensors'} (gated: same MACs until `vcc port {run_name}` makes it dense, "
+                    "as the 'after' column is)"]), fmt)
                 return
             from vcc.core.compress import compare_table
             from vcc.core.compress.prune import PruneJob, prune_model
