@@ -89,25 +89,16 @@ def register(app: typer.Typer) -> None:
                     res = prune_vib(
                         model_path, data_path, cfg, tmp, kml=kml, ib_lr=ib_lr, kl_factor=kl_factor,
                         mask_threshold=mask_threshold, kml_layer={k: float(v) for k, v in parse_kv(kml_layer, "--kml-layer").items()},
-                        finetune=finetune, progress=hook,
+                        finetune=finetune, summaries=True, eval_clips=eval_clips, latency_runs=latency_runs, progress=hook,
                     )
                 res = _relocate(res, str(tmp), str(run_dir))
                 for w in res.get("warnings", []):
                     log(f"warning: {w}")
-                # before -> after like every other method; the saved model is gated (its MACs fall only
-                # when `vcc port` makes it dense), so "after" is that dense port, measured now
-                from vcc.core.artefact import load_model
                 from vcc.core.compress import compare_table
-                from vcc.core.compress.port import port_model
-                from vcc.core.evaluate import summarise_model
 
-                net, meta = load_model(model_path)
-                before = summarise_model(net, meta, data_path, clips=eval_clips, latency_runs=latency_runs, progress=hook)
-                gated, gmeta = load_model(run_dir / "model.safetensors")
-                dense, dmeta, _ = port_model(gated, gmeta)
-                after = summarise_model(dense, dmeta, data_path, clips=eval_clips, latency_runs=latency_runs, progress=hook)
-                res = {**res, "before": before, "after": after}
-                tables = [compare_table(before, after, title=f"vcc prune --method vib: {model} -> {run_name} (after: its dense port)")]
+                # before -> after like every other method; "after" is the result's dense port
+                tables = [compare_table(res["before"], res["after"],
+                                        title=f"vcc prune --method vib: {model} -> {run_name} (after: its dense port)")]
                 if res.get("table"):
                     tables.append(Table(list(res.get("columns") or [f"c{i}" for i in range(len(res["table"][0]))]), [list(r) for r in res["table"]], title="VIB: kept units per layer"))
                 scalars = [[k, v] for k, v in res.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]

@@ -36,9 +36,13 @@ class OneDNNConv3d(nn.Conv3d):
     and torch.compile, take the default path.
     """
 
+    def _default_path(self, x: torch.Tensor) -> bool:
+        """Other devices and dtypes, and torch.compile (inductor picks its own kernels), run nn.Conv3d's forward."""
+        return x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
-            return super().forward(x)  # (under torch.compile inductor picks its own kernels)
+        if self._default_path(x):
+            return super().forward(x)
         return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, list(self.padding), list(self.stride),
                                                  list(self.dilation), self.groups)
 
@@ -70,9 +74,11 @@ class PackedOneDNNConv3d(OneDNNConv3d):
             self._packed_key = key
         return self._packed
 
+    def _default_path(self, x: torch.Tensor) -> bool:  # and with autograd on: the packed op has no backward
+        return super()._default_path(x) or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        if self._default_path(x):
             return nn.Conv3d.forward(self, x)
         return torch.ops.mkldnn._convolution_pointwise(x.contiguous(), self._pack(x), self.bias, list(self.padding),
                                                        list(self.stride), list(self.dilation), self.groups, "none", [], "")
@@ -84,7 +90,7 @@ class PackedOneDNNConv3d(OneDNNConv3d):
         return new
 
 
-_KERNELS: dict[str, Any] = {"onednn": OneDNNConv3d, "packed": PackedOneDNNConv3d}
+_KERNELS: dict[str, type[OneDNNConv3d]] = {"onednn": OneDNNConv3d, "packed": PackedOneDNNConv3d}
 
 
 class _LeafTracer(fx.Tracer):
@@ -251,10 +257,10 @@ def inference_form(model: nn.Module, example: torch.Tensor, *, kernels: bool = T
     except RuntimeError:  # a model that cannot be copied (a mask's weight computed with autograd): time it as it is
         return model
     if kernels:
-        plain = copy.deepcopy(form)
-        if select_cpu_kernels(form, example):
+        swapped = copy.deepcopy(form)
+        if select_cpu_kernels(swapped, example):
             # each conv was timed alone; keep the swaps only if the whole model is faster with them
-            form = faster(form, plain, example)
+            form = faster(swapped, form, example)
     with torch.inference_mode():
         ref, got = _tensors(model(example)), _tensors(form(example))
     ok = len(ref) == len(got) > 0 and all(a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, ref, strict=True))

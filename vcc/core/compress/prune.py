@@ -378,7 +378,7 @@ def ignored_layers(names: list[str], patterns: list[str] | None) -> set[str]:
 
 def prunable_layers(model: nn.Module, meta: Any, ignore: list[str] | None = None) -> list[str]:
     """Names of convs whose output channels can be ranked and pruned (not classifiers)."""
-    s = Surgeon(clone(model).cpu(), example_input(meta), ignore)
+    s = probe_surgeon(model, meta, ignore)
     s.finish()
     return s.prunable_layers()
 
@@ -555,14 +555,13 @@ def probe_surgeon(model: nn.Module, meta: Any, ignore: list[str] | None = None) 
 
 
 def check_macs_target(model: nn.Module, meta: Any, target: float, ignore: list[str] | None = None, round_to: int = 1,
-                      *, probe: Surgeon | None = None, cur_macs: int | None = None) -> None:
+                      *, probe: Surgeon | None = None) -> None:
     """VccError when keeping one channel (or `round_to`) in every prunable group still leaves more than `target` of the MACs.
 
     Needs no scores or data, so `vcc prune` checks it before evaluating and ranking anything.
     `probe` (from :func:`probe_surgeon` on this model) saves a trace; it is only read.
     """
-    if cur_macs is None:
-        cur_macs, _ = count_macs(model, meta)
+    cur_macs, _ = count_macs(model, meta)
     s = probe or probe_surgeon(model, meta, ignore)
     other = cur_macs - s.estimate_macs({})
     keep = max(1, round_to)

@@ -610,6 +610,9 @@ def prune_vib(
     kml_layer: dict[str, float] | None = None,
     finetune: bool = False,
     freeze_backbone: bool = False,
+    summaries: bool = False,
+    eval_clips: int = 1,
+    latency_runs: int = 10,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Train VIB gates jointly with the weights (or, with `finetune`, weights only under frozen masks).
@@ -623,13 +626,18 @@ def prune_vib(
     option, recorded in the artefact: backbone frozen, BN statistics fixed).
     Saves the gated model as ``run_dir/model.safetensors`` (gates hard, so later fine-tuning keeps
     the masks) and returns ``{"model_path", "kept", "table", "columns", "history",
-    "lstm_params_before", "lstm_params_after", "compression", ...}``.
+    "lstm_params_before", "lstm_params_after", "compression", ...}``; with `summaries`, also ``before``
+    and ``after``: :func:`vcc.core.evaluate.summarise_model` rows of the model as loaded and of
+    its dense port (what `vcc port` makes of the result; the saved gated model has the same MACs
+    as before until then), each with `eval_clips` clips per test video and `latency_runs` timings.
     """
     from vcc.core.artefact import load_model, provenance, save_model
     from vcc.core.training import fit
 
     if kml < 0 or kl_factor < 0 or ib_lr <= 0:
         raise UsageError("--kml and --kl-factor must be >= 0 and --ib-lr > 0")
+    from vcc.core.evaluate import summarise_model
+
     run_dir = Path(run_dir)
     model, meta = load_model(model_path, device="cpu")
     kml_layer = {k: float(v) for k, v in (kml_layer or {}).items()}
@@ -679,11 +687,16 @@ def prune_vib(
         comp = summ["compression"]
         return {"compression": round(comp, 3) if comp is not None else None, **short}
 
+    before = None
+    if summaries:  # the model as loaded (the one above now carries the new gates), once the options are known good
+        before = summarise_model(*load_model(model_path, device="cpu"), data, clips=eval_clips, latency_runs=latency_runs,
+                                 progress=progress)
     res = fit(model, meta, data, cfg, run_dir, criterion=criterion, param_groups=groups, epoch_hook=epoch_hook, progress=progress)
     last = Path(getattr(res, "last_path", None) or res.model_path)
     final, fmeta = load_model(last, device="cpu")
     summ = compression_summary(final)
-    dense, _, info = port_vib(final, fmeta)
+    dense, dense_meta, info = port_vib(final, fmeta)
+    after = summarise_model(dense, dense_meta, data, clips=eval_clips, latency_runs=latency_runs, progress=progress) if summaries else None
     set_gates(final, hard=True)
     for w in fmeta.wrappers:
         if w.get("name") == "vib":
@@ -707,6 +720,7 @@ def prune_vib(
         "params_after": info["params_after"],
         "model_compression": info["model_compression"],
         "metrics": _jsonable(metrics),
+        **({"before": before, "after": after} if summaries else {}),
     }
     for key in ("lstm_params_before", "lstm_params_after", "channels_before", "channels_after"):
         if key in summ:

@@ -184,8 +184,10 @@ def _build(
         if path is None:
             skipped.append({"path": listed, "reason": "missing"})
             continue
+        # absolute, but symlinks kept: the listed name carries the group (gXX) and the class
+        path = Path(os.path.abspath(path))
         if path in seen:
-            skipped.append({"path": os.path.abspath(path), "reason": "listed twice"})
+            skipped.append({"path": str(path), "reason": "listed twice"})
             continue
         seen.add(path)
         to_probe.append((path, label, split))
@@ -193,12 +195,11 @@ def _build(
     entries: list[VideoEntry] = []
     for (path, label, split), pr in zip(to_probe, probes, strict=True):
         if not pr.ok:
-            skipped.append({"path": os.path.abspath(path), "reason": pr.reason})
+            skipped.append({"path": str(path), "reason": pr.reason})
         elif pr.n_frames < min_frames:
-            skipped.append({"path": os.path.abspath(path), "reason": f"too short ({pr.n_frames} frames < {min_frames})"})
+            skipped.append({"path": str(path), "reason": f"too short ({pr.n_frames} frames < {min_frames})"})
         else:
-            # absolute, but symlinks kept: the listed name carries the group (gXX) and the class
-            entries.append(VideoEntry(os.path.abspath(path), label, split, pr.n_frames, pr.fps, pr.width, pr.height))
+            entries.append(VideoEntry(str(path), label, split, pr.n_frames, pr.fps, pr.width, pr.height))
     if split_auto is not None:
         _assign_splits(entries, classes, *split_auto)
     if holdout > 0:
