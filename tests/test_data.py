@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SHARED_VIDEOS, TINY_SYNTH
+from tests.conftest import SHARED_VIDEOS, TINY_SYNTH, run_vcc
 from vcc.core.data import sampling
 from vcc.core.data.loader import make_loader
 from vcc.core.data.manifest import VideoEntry, load_dataset, write_dataset
@@ -157,6 +157,41 @@ def test_bad_videos_are_replaced_and_counted(tmp_path: Path, tiny_synthetic: Pat
     write_dataset(all_bad, "bad", ["a", "b"], bad, source="test")
     with pytest.raises(VccError, match="failed to load"):
         next(iter(make_loader(load_dataset(all_bad), "train", train=True, frames=8, size=32, batch_size=2)))
+
+
+def test_train_reports_videos_broken_after_prepare_once_and_quietly(tmp_path: Path) -> None:
+    """A video that breaks after `vcc prepare` is named once, with a short reason, and counted per
+    epoch; decord's C++ lines and FFmpeg's log never reach stderr (real subprocess, 2 workers). A
+    new run that fails before its first epoch ends leaves no folder."""
+    root, ws = tmp_path / "vids", tmp_path / "ws"
+    for cls, src in (("a", "test.avi"), ("b", "test.mp4")):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(SHARED_VIDEOS / src, root / cls / f"{cls}{i}{Path(src).suffix}")
+    run_vcc("-w", str(ws), "-q", "prepare", "folder", "--root", str(root), "--val-ratio", "0.34", check=True)
+    broken = sorted(root.glob("*/*"))
+    for p in broken:  # break every video: each load fails, so each one must be named exactly once
+        p.write_bytes(p.read_bytes()[:3000])
+    proc = run_vcc("-w", str(ws), "train", "-d", "vids", "--epochs", "2", "-j", "2", "--name", "t", "-f", "json")
+    assert proc.returncode != 0 and "failed to load" in proc.stderr  # all broken: a clear error, not a hang
+    assert not (ws / "runs" / "t").exists()  # failed before an epoch: nothing left, the name stays free
+    keep = broken[1:]
+    for p, src in zip(keep, ["test.avi"] * 2 + ["test.mp4"] * 3, strict=True):
+        shutil.copy(SHARED_VIDEOS / src, p)
+    proc = run_vcc("-w", str(ws), "train", "-d", "vids", "--epochs", "2", "-j", "2", "--name", "t", "-f", "json")
+    assert proc.returncode == 0, proc.stderr
+    for noise in ("video_reader.cc", "ERROR opening", "moov atom", "[mov,", "[avi @", "Traceback"):
+        assert noise not in proc.stderr, proc.stderr
+    named = [ln for ln in proc.stderr.splitlines() if ln.startswith("cannot load")]
+    assert named == [f"cannot load {broken[0]} (no readable video stream (not a video, or damaged)); using another video instead"], proc.stderr
+    history = json.loads(proc.stdout)["history"]
+    assert len(history) == 2 and all(h.get("load_failures", 0) >= 1 for h in history)
+    entries = load_dataset(ws / "datasets" / "vids").entries
+    split = next(e.split for e in entries if e.path == str(broken[0]))
+    in_split = sum(e.split == split for e in entries)
+    proc = run_vcc("-w", str(ws), "eval", "t", "--data", "vids", "--split", split)
+    assert proc.returncode == 0 and "video_reader.cc" not in proc.stderr, proc.stderr
+    assert f"1 of {in_split} {split} videos could not be read" in " ".join(proc.stdout.split())
 
 
 def test_real_clips_decode_time_resize(tmp_path: Path, ws) -> None:

@@ -196,6 +196,10 @@ def fit_report(res: Any, title: str, doc: dict[str, Any] | None = None) -> Repor
         score = (f"val video top-1 {best['val_video_top1']}" if best.get("val_video_top1") is not None
                  else f"lowest train loss {best.get('train_loss')} (no validation split)")
         notes.append(f"best epoch {best.get('epoch')}: {score}; model: {fr.model_path}")
+    failed = sum(int(h.get("load_failures", 0)) for h in fr.history)
+    if failed:
+        notes.append(f"{failed} clip loads failed and were replaced by other videos (the warnings above name the videos); "
+                     f"`vcc prepare` again skips files that no longer decode")
     if fr.selected_on == "test":
         notes.append(f"the best epoch was chosen on the test split (the dataset has no other), so its top-1 is optimistic; "
                      f"{res.name}:last is the unselected model")

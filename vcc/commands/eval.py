@@ -94,4 +94,9 @@ def register(app: typer.Typer) -> None:
         for c, n in zip(info.classes, counts, strict=True):
             acc = res["per_class"][c]
             per_class.add(c, n, None if acc is None else round(100 * acc, 2))
-        render(Report(res, [summary, per_class], [f"accuracies in %; confusion matrix: {cm_path}"]), fmt)
+        notes = [f"accuracies in %; confusion matrix: {cm_path}"]
+        missing = res["videos_in_split"] - res["videos"]
+        if missing > 0:
+            notes.append(f"{missing} of {res['videos_in_split']} {split} videos could not be read and are left out of these "
+                         f"figures (the warnings above name them)")
+        render(Report(res, [summary, per_class], notes), fmt)

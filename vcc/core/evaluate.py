@@ -176,7 +176,8 @@ def evaluate(
     Keys: clip_top1, clip_top5, video_top1, video_top5, videos, clips, latency_ms (batch 1,
     median; None with ``latency_runs=0``, for callers that only want accuracy), clips_per_s (model forward throughput at `batch_size`), end_to_end_clips_per_s
     (including decoding), per_class ({class: video accuracy}), confusion (video level,
-    rows = true class), classes.
+    rows = true class), classes, videos_in_split and load_failures (a video that cannot be read
+    is left out of the accuracies: ``videos`` < ``videos_in_split``).
     """
     from vcc.core.data.loader import make_loader
 
@@ -216,6 +217,9 @@ def evaluate(
         "split": split,
         "clips_per_video": clips,
         "crops": crops,
+        # videos that failed to load are left out (their clips were replaced by other videos' clips)
+        "videos_in_split": len(info.split(split)),
+        "load_failures": int(loader.dataset.failures),
         "device": str(dev),
         "per_class": per_class,
         "classes": list(info.classes),

@@ -6,9 +6,12 @@ A run folder gets ``run.json`` (dataset, model source, teacher, config) so that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +115,18 @@ def _new_run_dir(ws: Workspace, name: str | None, default: str) -> tuple[str, Pa
     return name, run_dir
 
 
+@contextlib.contextmanager
+def _discard_if_no_epoch(run_dir: Path) -> Iterator[None]:
+    """A new run that fails (an error, not Ctrl-C) before finishing an epoch leaves no folder
+    behind: its only state is the checkpoint written before the first epoch."""
+    try:
+        yield
+    except Exception:
+        if _rank() == 0 and not any(p.name != "checkpoint.safetensors" for p in run_dir.rglob("*.safetensors")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def start_train(
     ws: Workspace,
     *,
@@ -206,7 +221,8 @@ def _run(ws: Workspace, info: Any, model: nn.Module, meta: ModelMeta, cfg: Train
             "command": command, "data": str(info.root), "teacher": teacher_path,
             "parent": str(parent) if parent else None, "config": cfg.to_json(), "meta": meta.to_json(),
         })
-    res = fit(model, meta, info, cfg, run_dir, teacher=teacher, progress=progress)
+    with _discard_if_no_epoch(run_dir):
+        res = fit(model, meta, info, cfg, run_dir, teacher=teacher, progress=progress)
     return RunResult(run_name, run_dir, res, notes)
 
 
@@ -273,6 +289,7 @@ def train_exits_run(
         "command": "train-exits", "data": str(info.root), "parent": str(init_path), "exits": exits, "kd": kd,
         "teachers": teacher_paths, "kd_epochs": kd_epochs, "config": cfg.to_json(),
     })
-    res = train_exits(init_path, info, cfg, run_dir, exits=exits, kd=kd, teachers=teacher_paths or None,
-                      kd_epochs=kd_epochs, kd_temperature=kd_temperature, progress=progress)
+    with _discard_if_no_epoch(run_dir):
+        res = train_exits(init_path, info, cfg, run_dir, exits=exits, kd=kd, teachers=teacher_paths or None,
+                          kd_epochs=kd_epochs, kd_temperature=kd_temperature, progress=progress)
     return RunResult(run_name, run_dir, res, [])

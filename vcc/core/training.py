@@ -320,6 +320,11 @@ def check_classes(meta: ModelMeta, classes: list[str], model_name: str = "model"
         raise VccError(f"class mismatch: {model_name} has {meta.num_classes} outputs, {data_name} has {len(classes)} classes")
 
 
+def _load_failures(loaders: Loaders) -> int:
+    """Clip loads that failed so far (each replaced by another video), over both loaders."""
+    return sum(int(getattr(getattr(ld, "dataset", None), "failures", 0) or 0) for ld in (loaders.train, loaders.val))
+
+
 def _make_loaders(data: Any, cfg: TrainConfig, distributed: bool, pin: bool) -> Loaders:
     if isinstance(data, Loaders):
         return data
@@ -636,6 +641,7 @@ def _fit(
             if ctrl_c and ctrl_c.requested:
                 raise KeyboardInterrupt
             _seed_epoch(loaders.train, cfg.seed, epoch)
+            failed_before = _load_failures(loaders)
             train_model.train()
             _keep_frozen_bn_eval(raw)
             task = f"epoch {epoch + 1}/{cfg.epochs}"
@@ -700,6 +706,9 @@ def _fit(
                 record["val_video_top1"] = round(acc["video_top1"], 6)
                 record["val_clip_top1"] = round(acc["clip_top1"], 6)
                 record["val_time_s"] = round(time.perf_counter() - t1, 3)
+            failed = _load_failures(loaders) - failed_before
+            if failed:
+                record["load_failures"] = failed
             if epoch_hook is not None:
                 record.update(epoch_hook(epoch, raw) or {})
             history.append(record)

@@ -15,8 +15,9 @@ Batches are ``(clips uint8 (N, 3, T, H, W), labels int64 (N,), video_idx int64 (
 * Randomness is a pure function of (seed, epoch, item): the same seed gives the same batches for
   any number of workers, and ``loader.set_epoch(e)`` before iterating resumes bit-exactly.
   Without it, each iteration over the loader advances the epoch by one.
-* A video that fails to load is logged (logger ``vcc.data``), counted in
-  ``loader.dataset.failures`` (across workers) and replaced by another sample.
+* A video that fails to load is logged once (logger ``vcc.data``, a short reason;
+  decord's and FFmpeg's own log lines are muted), counted in ``loader.dataset.failures`` (every
+  failed load, across workers) and replaced by another sample.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from vcc.core.data import sampling, transforms
 from vcc.core.data.manifest import DatasetInfo, VideoEntry
-from vcc.core.errors import UsageError, VccError, first_line
+from vcc.core.data.probe import native_stderr_muted, quiet_ffmpeg, short_reason
+from vcc.core.errors import UsageError, VccError
 
 log = logging.getLogger("vcc.data")
 MAX_RETRIES = 10
@@ -69,6 +71,7 @@ class ClipDataset(Dataset):
         self._failures = multiprocessing.Value("i", 0)
         self._readers: OrderedDict[int, Any] | None = None  # per process, opened lazily
         self._last_clip: tuple[tuple[int, int], np.ndarray] | None = None  # test: the crops of one clip share its frames
+        self._reported = multiprocessing.Array("b", max(1, len(entries)), lock=False)  # failure logged (any process)
 
     def __len__(self) -> int:
         return len(self.entries) * self.clips * self.crops
@@ -87,6 +90,7 @@ class ClipDataset(Dataset):
     def _reader(self, vid: int) -> Any:
         import decord
 
+        quiet_ffmpeg()
         if self._readers is None:
             self._readers = OrderedDict()
         if vid in self._readers:
@@ -110,7 +114,8 @@ class ClipDataset(Dataset):
     def _load(self, index: int, attempt: int) -> tuple[torch.Tensor, int, int]:
         vid, rest = divmod(index, self.clips * self.crops)
         clip, crop = divmod(rest, self.crops)
-        reader = self._reader(vid)
+        with native_stderr_muted(keep_python=False):  # decord's C++ `ERROR opening` and FFmpeg's lines
+            reader = self._reader(vid)
         n = len(reader)
         if n <= 0:
             raise VccError("no frames")
@@ -124,7 +129,8 @@ class ClipDataset(Dataset):
             frames = self._last_clip[1]  # another crop of the clip just decoded: no second decode
         else:
             uniq, inverse = np.unique(idx, return_inverse=True)
-            frames = reader.get_batch([int(i) for i in uniq]).asnumpy()[inverse]
+            with native_stderr_muted(keep_python=False):
+                frames = reader.get_batch([int(i) for i in uniq]).asnumpy()[inverse]
             frames = transforms.fit_short_side(frames, self.short)
             if key is not None:
                 self._last_clip = (key, frames)
@@ -149,7 +155,10 @@ class ClipDataset(Dataset):
                     self._readers.pop(vid, None)
                 with self._failures.get_lock():
                     self._failures.value += 1
-                log.warning("cannot load %s (%s); using another video", self.entries[vid].path, first_line(exc))
+                    first = not self._reported[vid]
+                    self._reported[vid] = 1
+                if first:
+                    log.warning("cannot load %s (%s); using another video instead", self.entries[vid].path, short_reason(exc))
                 # a deterministic replacement: another video, same clip/crop slot
                 step = (attempt + 1) * 7919 % max(1, len(self.entries)) or 1
                 cur = ((vid + step) % len(self.entries)) * per_video + cur % per_video

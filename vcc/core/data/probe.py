@@ -42,7 +42,7 @@ class Probe:
 
 
 @functools.cache
-def _quiet_ffmpeg() -> None:
+def quiet_ffmpeg() -> None:
     """FFmpeg's own log lines (av_log) off: a bad file's trouble is reported as its skip reason."""
     import decord.logging
 
@@ -50,19 +50,21 @@ def _quiet_ffmpeg() -> None:
 
 
 @contextlib.contextmanager
-def native_stderr_muted() -> Iterator[None]:
+def native_stderr_muted(keep_python: bool = True) -> Iterator[None]:
     """Send what C/C++ code writes to file descriptor 2 (decord's `ERROR opening: ...` lines) to the
-    null device for the block, while Python's ``sys.stderr`` (progress bars, vcc's log lines) keeps
-    the real stderr. ``VCC_NATIVE_LOGS=1`` leaves descriptor 2 alone."""
+    null device for the block. With `keep_python`, Python's ``sys.stderr`` (progress bars, vcc's log
+    lines) keeps the real stderr meanwhile; without it (short blocks, called often, with no Python
+    output inside) Python's writes in the block are dropped too, and nothing is swapped under other
+    threads. ``VCC_NATIVE_LOGS=1`` leaves descriptor 2 alone."""
     if os.environ.get("VCC_NATIVE_LOGS"):
         yield
         return
     old = sys.stderr
     try:
-        py_on_fd2 = old is not None and old.fileno() == 2
+        py_on_fd2 = keep_python and old is not None and old.fileno() == 2
     except (AttributeError, OSError, ValueError):  # a captured or in-memory stream: not descriptor 2
         py_on_fd2 = False
-    if py_on_fd2:
+    with contextlib.suppress(AttributeError, OSError, ValueError):
         old.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -84,8 +86,8 @@ def native_stderr_muted() -> Iterator[None]:
         os.close(devnull)
 
 
-def _reason(exc: BaseException) -> str:
-    """A short skip reason from a decord error (without its C++ log prefix and source locations)."""
+def short_reason(exc: BaseException) -> str:
+    """A short reason from a decord error (without its C++ log prefix and source locations)."""
     msg = first_line(exc, 400)
     msg = re.sub(r"^\[\d\d:\d\d:\d\d\]\s+\S+:\d+:\s*", "", msg)
     failed = re.match(r"Check failed:\s*([A-Za-z_]\w*)", msg)
@@ -114,7 +116,7 @@ def probe_video(path: str | Path) -> Probe:
     try:
         import decord
 
-        _quiet_ffmpeg()
+        quiet_ffmpeg()
         vr = decord.VideoReader(str(p), num_threads=1)
         n = len(vr)
         if n <= 0:
@@ -125,7 +127,7 @@ def probe_video(path: str | Path) -> Probe:
         fps = float(vr.get_avg_fps() or 0.0)
         return Probe(n_frames=n, fps=round(fps, 3), width=int(first[1]), height=int(first[0]))
     except Exception as exc:  # noqa: BLE001 - decord raises its own types for every kind of bad file
-        return Probe(reason=f"undecodable: {_reason(exc)}")
+        return Probe(reason=f"undecodable: {short_reason(exc)}")
 
 
 def _key(p: Path) -> str | None:
