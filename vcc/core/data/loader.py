@@ -114,7 +114,7 @@ class ClipDataset(Dataset):
     def _load(self, index: int, attempt: int) -> tuple[torch.Tensor, int, int]:
         vid, rest = divmod(index, self.clips * self.crops)
         clip, crop = divmod(rest, self.crops)
-        with native_stderr_muted(keep_python=False):  # decord's C++ `ERROR opening` and FFmpeg's lines
+        with native_stderr_muted():  # decord's C++ `ERROR opening` and FFmpeg's lines
             reader = self._reader(vid)
         n = len(reader)
         if n <= 0:
@@ -129,7 +129,7 @@ class ClipDataset(Dataset):
             frames = self._last_clip[1]  # another crop of the clip just decoded: no second decode
         else:
             uniq, inverse = np.unique(idx, return_inverse=True)
-            with native_stderr_muted(keep_python=False):
+            with native_stderr_muted():
                 frames = reader.get_batch([int(i) for i in uniq]).asnumpy()[inverse]
             frames = transforms.fit_short_side(frames, self.short)
             if key is not None:

@@ -49,41 +49,57 @@ def quiet_ffmpeg() -> None:
     decord.logging.set_level(decord.logging.QUIET)
 
 
+_MUTE: dict[str, Any] = {"depth": 0, "real": {}}  # per process: nesting depth; fd 2's target -> (dup fd, writer)
+
+
+def _real_stderr() -> tuple[int, Any]:
+    """A dup of file descriptor 2 and a text writer on it, made once per target of descriptor 2 and
+    never closed: a thread still holding the writer after a muted block ends (a progress bar's
+    refresh) writes to the real stderr, never to a closed or reused descriptor."""
+    st = os.fstat(2)
+    key = (st.st_dev, st.st_ino, st.st_rdev)
+    hit = _MUTE["real"].get(key)
+    if hit is None:
+        fd = os.dup(2)
+        enc = getattr(sys.__stderr__, "encoding", None) or "utf-8"
+        hit = (fd, open(fd, "w", encoding=enc, errors="replace", buffering=1, closefd=False))  # noqa: SIM115 - kept open
+        _MUTE["real"][key] = hit
+    return hit
+
+
 @contextlib.contextmanager
-def native_stderr_muted(keep_python: bool = True) -> Iterator[None]:
+def native_stderr_muted() -> Iterator[None]:
     """Send what C/C++ code writes to file descriptor 2 (decord's `ERROR opening: ...` lines) to the
-    null device for the block. With `keep_python`, Python's ``sys.stderr`` (progress bars, vcc's log
-    lines) keeps the real stderr meanwhile; without it (short blocks, called often, with no Python
-    output inside) Python's writes in the block are dropped too, and nothing is swapped under other
-    threads. ``VCC_NATIVE_LOGS=1`` leaves descriptor 2 alone."""
-    if os.environ.get("VCC_NATIVE_LOGS"):
+    null device for the block, while Python's ``sys.stderr`` (progress bars, vcc's log lines) keeps
+    the real stderr. Cheap enough to wrap every clip read; nested blocks are no-ops.
+    ``VCC_NATIVE_LOGS=1`` leaves descriptor 2 alone."""
+    if os.environ.get("VCC_NATIVE_LOGS") or _MUTE["depth"]:
         yield
         return
     old = sys.stderr
     try:
-        py_on_fd2 = keep_python and old is not None and old.fileno() == 2
+        py_on_fd2 = old is not None and old.fileno() == 2
     except (AttributeError, OSError, ValueError):  # a captured or in-memory stream: not descriptor 2
         py_on_fd2 = False
     with contextlib.suppress(AttributeError, OSError, ValueError):
         old.flush()
-    saved = os.dup(2)
+    saved, writer = _real_stderr()
     devnull = os.open(os.devnull, os.O_WRONLY)
-    swapped = None
+    _MUTE["depth"] += 1
     try:
         os.dup2(devnull, 2)
         if py_on_fd2:
-            swapped = open(saved, "w", encoding=getattr(old, "encoding", None) or "utf-8",  # noqa: SIM115 - closed below
-                           errors="replace", buffering=1, closefd=False)
-            sys.stderr = swapped
+            sys.stderr = writer
         yield
     finally:
-        if swapped is not None:
-            swapped.flush()
-            sys.stderr = old
-            swapped.close()
+        if py_on_fd2:
+            with contextlib.suppress(OSError, ValueError):
+                writer.flush()
+            if sys.stderr is writer:
+                sys.stderr = old
         os.dup2(saved, 2)
-        os.close(saved)
         os.close(devnull)
+        _MUTE["depth"] -= 1
 
 
 def short_reason(exc: BaseException) -> str:
