@@ -24,7 +24,7 @@ from vcc.core.data.prepare import (
     prepare_ucf101,
 )
 from vcc.core.data.probe import CACHE_NAME
-from vcc.core.data.synthetic import encode_video, render_video
+from vcc.core.data.synthetic import decord_reads_size, encode_video, render_video
 from vcc.core.errors import UsageError, VccError
 from vcc.core.workspace import Workspace
 
@@ -265,6 +265,19 @@ def test_folder_presplit_and_min_frames(tmp_path: Path, ws: Workspace, clip: Pat
 # ---------------------------------------------------------------- synthetic through the CLI
 
 
+def test_probe_skips_widths_decord_misreads(ws: Workspace, tmp_path: Path) -> None:
+    """A video decord 0.6 decodes into 4 or 6 "channels" is skipped at prepare, not found at train."""
+    misread = next(s for s in (48, 24, 16, 32, 40) if not decord_reads_size(s))
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        for i, size in enumerate((misread, 40 if misread != 40 else 56)):
+            (tmp_path / "v" / cls).mkdir(parents=True, exist_ok=True)
+            encode_video(tmp_path / "v" / cls / f"{i}.avi", rng.integers(0, 255, (16, size, size, 3), dtype=np.uint8))
+    res = prepare_folder(ws, tmp_path / "v", name="narrow")
+    assert sorted(Path(s["path"]).name for s in res.skipped) == ["0.avi", "0.avi"]
+    assert all(f"decord misreads frames {misread} px wide" in s["reason"] for s in res.skipped)
+
+
 def test_prepare_synthetic_cli(ws: Workspace) -> None:
     import typer
 
@@ -281,6 +294,14 @@ def test_prepare_synthetic_cli(ws: Workspace) -> None:
     assert [(Path(e.path).name, e.split) for e in a.entries if e.split == "test"] == [(Path(e.path).name, e.split) for e in b.entries if e.split == "test"]
     bad = run_vcc("prepare", "synthetic", "--size", "33", "--name", "x")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --size must be an even number >= 16, got 33"]
+    # decord 0.6 misreads some narrow widths (RGB rows padded into extra "channels"): refused up front
+    misread = next(s for s in (48, 24, 16, 32, 40) if not decord_reads_size(s))
+    bad = run_vcc("prepare", "synthetic", "--size", str(misread), "--name", "x")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and f"--size {misread}: decord 0.6 misreads" in lines[0], bad.stderr
+    for alt in re.findall(r"--size (\d+)", lines[0].split("try")[1]):
+        assert decord_reads_size(int(alt))
+    assert not (ws.root / "datasets" / "x").exists()
     # the CLI's defaults are the library's defaults
     cmd = typer.main.get_command(app).commands["prepare"].commands["synthetic"]
     defaults = {p.name: p.default for p in cmd.params}
@@ -399,7 +420,7 @@ def test_prepare_is_quiet_and_plain_about_bad_files(tmp_path: Path, ws: Workspac
     (root / "empty").mkdir()
     _bad_files(root / "a", clip)
     (root / "b" / "cut.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200)
-    first = run_vcc("prepare", "synthetic", "--classes", "2", "--videos-per-class", "2", "--frames", "8", "--size", "16",
+    first = run_vcc("prepare", "synthetic", "--classes", "2", "--videos-per-class", "2", "--frames", "8", "--size", "20",
                     "--name", "vids", env={"VCC_HOME": str(ws.root)})
     assert first.returncode == 0, first.stderr
     res = run_vcc("prepare", "folder", "--root", str(root), "-f", "json", env={"VCC_HOME": str(ws.root)})

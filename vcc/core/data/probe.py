@@ -138,6 +138,8 @@ def probe_video(path: str | Path) -> Probe:
         if n <= 0:
             return Probe(reason="undecodable: no video frames")
         first = vr[0].shape
+        if len(first) != 3 or first[2] != 3:  # decord 0.6 pads some narrow RGB rows into extra "channels"
+            return Probe(reason=f"undecodable: decord misreads frames {first[1]} px wide (a decord bug for some widths under 64 px)")
         if n > 1:
             vr[n - 1]
         fps = float(vr.get_avg_fps() or 0.0)

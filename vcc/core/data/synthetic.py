@@ -14,6 +14,7 @@ Motion wraps around the frame edges (a torus), so any clip of any length keeps m
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,11 @@ def prepare_synthetic(
         raise UsageError(f"--frames must be at least 4, got {frames}")
     if size < 16 or size % 2:
         raise UsageError(f"--size must be an even number >= 16, got {size}")
+    if not decord_reads_size(size):
+        near = sorted((c for c in range(max(16, size - 16), size + 18, 2) if c != size and decord_reads_size(c)),
+                      key=lambda c: (abs(c - size), c))[:2]
+        raise UsageError(f"--size {size}: decord 0.6 misreads videos of this width (its RGB rows are padded by a "
+                         f"pixel or more, a decord bug under 64 px); try --size {' or '.join(map(str, sorted(near)))}")
     folder = ws.dataset_dir(name)
     check_holdout(holdout)
     options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 8}
@@ -101,6 +107,29 @@ def prepare_synthetic(
             hold_out(entries, class_names, holdout)
         counts = write_dataset(tmp, name, class_names, entries, source="synthetic", options=options)
     return PrepareResult(name, folder, class_names, counts, [], warnings)
+
+
+@functools.cache
+def decord_reads_size(size: int) -> bool:
+    """Whether decord reads back a `size` x `size` video this module encodes: decord 0.6 takes the
+    channel count from the padded RGB row length, so some widths under 64 px come back as 4 or 6
+    channels (16, 24 and 48 on x86-64). Checked once per size with a 2-frame file."""
+    import tempfile
+
+    import decord
+
+    from vcc.core.data.probe import native_stderr_muted, quiet_ffmpeg
+
+    quiet_ffmpeg()
+    with tempfile.TemporaryDirectory(prefix="vcc-size-") as tmp:
+        path = Path(tmp) / "probe.avi"
+        encode_video(path, np.zeros((2, size, size, 3), dtype=np.uint8))
+        try:
+            with native_stderr_muted():
+                shape = decord.VideoReader(str(path), num_threads=1).get_batch([0, 1]).shape
+        except Exception:  # noqa: BLE001 - decord raises its own types
+            return False
+    return tuple(shape) == (2, size, size, 3)
 
 
 def _reuse(folder: Path, options: dict[str, Any]) -> PrepareResult | None:
