@@ -31,6 +31,9 @@ class VccGroup(TyperGroup):
             return super().make_context(info_name, args, parent=parent, **extra)
         except _USAGE_ERROR as exc:  # `vcc --bogus`
             _usage_error(exc)
+        except BrokenPipeError:  # `vcc --help | head`
+            _closed_pipe()
+            raise typer.Exit(0) from None
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -43,7 +46,9 @@ class VccGroup(TyperGroup):
             _error("interrupted", 130)
         except BrokenPipeError:
             _closed_pipe()
-            raise typer.Exit(1) from None  # quietly, with click's own code for a closed pipe
+            # The work is done (results print last) and the reader chose to stop: exit 0 quietly, as
+            # when the output fitted the pipe before the reader left, so `set -o pipefail` sees no race.
+            raise typer.Exit(0) from None
         except Exception as exc:  # noqa: BLE001 - the one place every failure is reported
             from vcc.core.errors import VccError
 
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, prog_name="vcc")
     except BrokenPipeError:
         _closed_pipe()
-        sys.exit(1)
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -98,9 +98,14 @@ def render(report: Report, fmt: Format) -> None:
     from rich.console import Console
     from rich.table import Table as RichTable
 
-    console = Console(soft_wrap=False)
+    class _Out(Console):
+        def on_broken_pipe(self) -> None:  # rich exits 1 here; vcc's one handler decides (cli.py)
+            self.quiet = True
+            raise BrokenPipeError
+
+    console = _Out(soft_wrap=False)
     if not console.is_terminal:  # piped: don't squeeze tables into 80 columns
-        console = Console(soft_wrap=False, width=160)
+        console = _Out(soft_wrap=False, width=160)
     for t in report.tables:
         rt = RichTable(title=t.title or None, caption=t.caption or None, title_justify="left")
         for i, col in enumerate(t.columns):
