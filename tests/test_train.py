@@ -401,6 +401,15 @@ def test_exits_option_delegates_and_eval_threshold(ws, tiny_synthetic, tiny_mode
     doc = json.loads(res.stdout)
     _, meta = load_model(doc["model"])
     assert any(w["name"] == "exits" for w in meta.wrappers) and meta.frames == 8
+    # the result is the last epoch (progressive KD: the loss grows as stronger teachers take over, so
+    # the lowest-loss epoch is an early one): best, model and last are one file, and the summary says so
+    pkd = ["train", "--data", str(tiny_synthetic), "--init", str(tiny_model), "--exits", "auto", "--kd", "progressive",
+           *FAST, "--epochs", "3", "--max-batches", "1"]
+    doc = json.loads(_cli(ws, *pkd, "--name", "ee2", "-f", "json").stdout)
+    assert doc["selected_on"] == "last" and doc["best_epoch"] == doc["epochs"] == 3
+    assert Path(doc["best"]).read_bytes() == Path(doc["model"]).read_bytes() == Path(doc["last"]).read_bytes()
+    table = " ".join(_cli(ws, *pkd, "--name", "ee3").stdout.split())
+    assert "model: the last epoch (3)" in table and "lowest train loss" not in table and "val video top-1 per exit" in table
     out = _cli(ws, "eval", "ee", "--data", str(tiny_synthetic), "--threshold", "0.5", "--clips", "1", "-f", "json")
     ev = json.loads(out.stdout)
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["videos"] == 8

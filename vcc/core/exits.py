@@ -530,12 +530,14 @@ def train_exits(
         epoch_hook=epoch_hook,
         progress=progress,
     )
-    # The backbone is frozen, so "best by validation" says nothing: the ICs after the whole
-    # teacher schedule (last epoch) are the result.
-    with atomic_path(res.model_path) as tmp:
-        shutil.copyfile(res.last_path, tmp)
+    # The result is the ICs after the whole teacher schedule (the last epoch), as in the paper: the
+    # loss changes with each teacher, so epochs are not comparable by it. best = model = last.
+    for path in (res.model_path, res.best_path):
+        with atomic_path(path) as tmp:
+            shutil.copyfile(res.last_path, tmp)
     if res.history:
         res.best = dict(res.history[-1])
+    res.selected_on = "last"
     return res
 
 

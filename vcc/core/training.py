@@ -124,7 +124,8 @@ class FitResult:
     model_path: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
-    # the split the best epoch was chosen on ("test" when the dataset has no other), None: by train loss
+    # the split the best epoch was chosen on ("test" when the dataset has no other), None: by train
+    # loss, "last": the last epoch is the result (early-exit heads after their whole KD schedule)
     selected_on: str | None = None
 
 
