@@ -98,6 +98,18 @@ def test_best_epoch_is_chosen_on_a_prepared_val_split(ws, tiny_synthetic) -> Non
     assert "chosen on the test split" not in " ".join(out.stdout.split())
 
 
+def test_resume_refuses_settings_it_would_ignore_and_notes_a_longer_run(ws, tiny_synthetic) -> None:
+    """--resume keeps the run's own data, arch and optimiser settings: changing them is an error
+    (they used to be dropped silently); --epochs extends the run, and the summary says how."""
+    _cli(ws, "train", "--data", str(tiny_synthetic), *FAST, "--epochs", "2", "--max-batches", "1", "--name", "r", "--stop-after", "1")
+    bad = run_vcc("-w", str(ws.root), "train", "--resume", "r", "--data", str(tiny_synthetic), "--lr", "0.1", "-a", "r3d_tiny")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --resume continues a run with the settings it started with; --data, --arch, --lr cannot change "
+        "(with --resume: --epochs to extend it, --workers, --device)"]
+    out = " ".join(_cli(ws, "train", "--resume", "r", "--epochs", "3", "--workers", "0").stdout.split())
+    assert "--epochs 3 changed the run's length from 2: from epoch 2 on, the learning rate follows the cosine schedule" in out
+
+
 def test_resume_is_bit_exact(ws, tiny_synthetic) -> None:
     """A run stopped after epoch 1 and resumed ends with the same weights as an uninterrupted one."""
     common = ["train", "--data", str(tiny_synthetic), "--epochs", "2", "--workers", "0", "--device", "cpu", "--seed", "3",

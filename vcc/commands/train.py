@@ -30,6 +30,7 @@ from vcc.commands._common import (
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
+        ctx: typer.Context,
         data: Annotated[str | None, typer.Option("--data", "-d", help="Prepared dataset name or folder.")] = None,
         arch: Annotated[str | None, typer.Option("--arch", "-a", help="Model arch (default: r3d_tiny, or --init's arch).")] = None,
         name: NameOpt = None,
@@ -90,6 +91,8 @@ def register(app: typer.Typer) -> None:
         from vcc.core.training import TrainConfig
 
         ws = workspace()
+        if resume:
+            _check_resume_options(ctx)
         if kd_epochs:
             try:
                 kd_epoch_list = [int(e) for e in kd_epochs.split(",") if e.strip()]
@@ -125,6 +128,21 @@ def register(app: typer.Typer) -> None:
             raise interrupted(resume or name) from None
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
             render(fit_report(res, f"run {res.name}"), fmt)
+
+
+RESUME_OPTIONS = {"resume", "epochs", "workers", "device", "stop_after", "max_batches", "fmt"}
+
+
+def _check_resume_options(ctx: typer.Context) -> None:
+    """--resume continues a run with the settings it started with: refuse options it would ignore."""
+    from vcc.core.errors import UsageError
+
+    given = [p for p in ctx.command.params if p.name not in RESUME_OPTIONS
+             and getattr(ctx.get_parameter_source(p.name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
+    if given:
+        names = ", ".join(max(p.opts, key=len) for p in given)
+        raise UsageError(f"--resume continues a run with the settings it started with; {names} cannot change "
+                         f"(with --resume: --epochs to extend it, --workers, --device)")
 
 
 def _auto_workers(device: str) -> int:

@@ -254,7 +254,12 @@ def resume(ws: Workspace, run: str, *, overrides: dict[str, Any] | None = None, 
     if _rank() == 0:
         atomic_write_json(run_file, spec)
     res = fit(model, meta, info, cfg, run_dir, teacher=teacher, resume=True, checkpoint=(parts, doc), progress=progress)
-    return RunResult(run, run_dir, res, [f"resumed after epoch {doc['epoch']}"])
+    notes = [f"resumed after epoch {doc['epoch']}"]
+    before = int(doc["config"].get("epochs", cfg.epochs))
+    if cfg.epochs != before and cfg.schedule != "constant":
+        notes.append(f"--epochs {cfg.epochs} changed the run's length from {before}: from epoch {int(doc['epoch']) + 1} on, "
+                     f"the learning rate follows the {cfg.schedule} schedule stretched over {cfg.epochs} epochs")
+    return RunResult(run, run_dir, res, notes)
 
 
 def train_exits_run(
