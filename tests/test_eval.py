@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from tests.conftest import run_vcc
 from vcc.cli import app
 from vcc.core.artefact import ModelMeta, input_spec, load_model, save_model
+from vcc.core.data.manifest import load_dataset
 from vcc.core.evaluate import (
     confusion_matrix,
     measure_latency,
@@ -85,8 +86,14 @@ def test_eval_cli_json(ws, tiny_synthetic, tiny_model) -> None:
     assert sum(map(sum, doc["confusion"])) == 8
     # video top-1 agrees with the confusion matrix diagonal
     assert math.isclose(doc["video_top1"], sum(doc["confusion"][i][i] for i in range(4)) / 8)
-    csv = (tiny_model.parent / "tiny_model.confusion.csv").read_text().splitlines()
+    ds = load_dataset(tiny_synthetic).name
+    assert Path(doc["confusion_csv"]) == tiny_model.parent / f"tiny_model.confusion-{ds}-test.csv"
+    csv = Path(doc["confusion_csv"]).read_text().splitlines()
     assert csv[0].split(",")[1:] == ["up", "down", "sideways", "still"] and len(csv) == 5
+    train = json.loads(run_vcc("eval", str(tiny_model), "--data", str(tiny_synthetic), "--split", "train", "--clips", "1",
+                               "--device", "cpu", "-f", "json", check=True).stdout)
+    assert Path(train["confusion_csv"]).name == f"tiny_model.confusion-{ds}-train.csv"
+    assert Path(doc["confusion_csv"]).read_text().splitlines() == csv  # the test split's file is kept
     assert "Traceback" not in proc.stderr
 
 
@@ -97,12 +104,13 @@ def test_eval_confusion_falls_back_to_workspace(ws, tiny_synthetic, tiny_model, 
     model = tmp_path / "shared" / "m.safetensors"
     model.parent.mkdir()
     shutil.copy(tiny_model, model)
-    (model.parent / "m.confusion.csv").mkdir()  # the CSV's name is taken by a folder: the write fails
+    tag = f"confusion-{load_dataset(tiny_synthetic).name}-test.csv"
+    (model.parent / f"m.{tag}").mkdir()  # the CSV's name is taken by a folder: the write fails
     proc = run_vcc("eval", str(model), "--data", str(tiny_synthetic), "--clips", "1", "--device", "cpu", "-f", "json", check=True)
     doc = json.loads(proc.stdout)
-    assert Path(doc["confusion_csv"]) == ws.root / "evals" / "m.confusion.csv"
+    assert Path(doc["confusion_csv"]) == ws.root / "evals" / f"m.{tag}"
     assert Path(doc["confusion_csv"]).read_text().startswith("true\\pred,up,down")
-    assert sorted(f.name for f in model.parent.iterdir()) == ["m.confusion.csv", "m.safetensors"]  # no temp files left
+    assert sorted(f.name for f in model.parent.iterdir()) == [f"m.{tag}", "m.safetensors"]  # no temp files left
 
 
 def test_eval_three_crops_matches_manual_aggregation(tiny_synthetic, tiny_model) -> None:

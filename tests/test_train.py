@@ -274,6 +274,14 @@ def test_kd_loss_is_hinton_form() -> None:
     assert kd_loss(t, t, T).abs() < 1e-6
 
 
+def test_epoch_records_the_lr_it_trained_with(ws, tiny_synthetic) -> None:
+    """The history's lr is the rate the epoch's batches used, not the scheduler's next one: step
+    decay x0.1 every third of 6 epochs trains epochs 1-2 at the peak, 5-6 at a hundredth."""
+    doc = json.loads(_cli(ws, "train", "--data", str(tiny_synthetic), *FAST, "--epochs", "6", "--max-batches", "1",
+                          "--optimizer", "sgd", "--lr", "0.05", "--schedule", "step", "--warmup", "0", "-f", "json").stdout)
+    assert [h["lr"] for h in doc["history"]] == [0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005]
+
+
 def test_lr_schedule_warmup_and_cosine() -> None:
     f = lr_factor(TrainConfig(epochs=4, warmup=1, schedule="cosine"), steps_per_epoch=10)
     assert f(0) < f(5) < f(9) <= 1.0

@@ -67,14 +67,16 @@ def register(app: typer.Typer) -> None:
                            workers=workers, progress=hook, amp=amp)
         # confusion matrix beside the model (its run folder for run models); where that folder
         # cannot be written (a read-only share), in the workspace's evals/ folder instead
-        name = "confusion.csv" if path.name == "model.safetensors" else f"{path.stem}.confusion.csv"
+        # one file per dataset and split, so evaluating another split never overwrites this one
+        tag = f"confusion-{info.name}-{split}.csv"
+        name = tag if path.name == "model.safetensors" else f"{path.stem}.{tag}"
         lines = ["true\\pred," + ",".join(info.classes)]
         lines += [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(info.classes, res["confusion"], strict=True)]
         cm_path, csv_text = Path(path).with_name(name), "\n".join(lines) + "\n"
         try:
             atomic_write_text(cm_path, csv_text)
         except OSError:
-            cm_path = ws.root / "evals" / (f"{path.parent.name}.{name}" if name == "confusion.csv" else name)
+            cm_path = ws.root / "evals" / (f"{path.parent.name}.{name}" if name == tag else name)
             cm_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cm_path, csv_text)
         res["confusion_csv"] = str(cm_path)

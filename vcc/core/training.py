@@ -650,6 +650,7 @@ def _fit(
             sum_loss = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
             seen = 0
+            used_lr = optimizer.param_groups[0]["lr"]
             last_report = 0.0
             # A batch of one has no batch statistics: training BatchNorm on it fails, so skip it.
             bn_training = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in raw.modules())
@@ -671,6 +672,7 @@ def _fit(
                     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
+                used_lr = optimizer.param_groups[0]["lr"]  # the rate this batch trained with
                 scheduler.step()
                 n = int(y.shape[0])
                 seen += n
@@ -684,7 +686,7 @@ def _fit(
                         raise VccError(f"loss is {mean_loss} at epoch {epoch + 1} batch {batch_i + 1}: try a lower --lr")
                     report(task, batch_i + 1, steps_per_epoch, {
                         "loss": mean_loss, "acc": float(correct) / max(1, seen),
-                        "clips/s": seen / max(1e-9, now - t0), "lr": optimizer.param_groups[0]["lr"],
+                        "clips/s": seen / max(1e-9, now - t0), "lr": used_lr,
                     })
             train_time = time.perf_counter() - t0
             if dd.world > 1:
@@ -694,7 +696,7 @@ def _fit(
                 raise VccError(f"training diverged (loss {train_loss}) in epoch {epoch + 1}: try a lower --lr")
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": float(f"{used_lr:.6g}"),  # the rate of the epoch's last batch (the scheduler has moved on since)
                 "train_loss": round(train_loss, 6),
                 "train_acc": round(train_acc, 6),
                 "clips_per_s": round(seen * dd.world / max(1e-9, train_time), 2),
