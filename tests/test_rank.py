@@ -77,6 +77,22 @@ def test_cli_rank_artefact_feeds_prune(ws, tiny_model: Path) -> None:
     assert res.exit_code == 2 and "made with --method l1" in res.output
 
 
+def test_default_run_names_say_which_model(ws, tiny_model: Path) -> None:
+    """Without --name, rank/prune/port runs are named after the model (a run's name, else the
+    file's stem) and the method, numbered when taken."""
+    names = []
+    for _ in range(2):
+        res = runner.invoke(app, ["rank", str(tiny_model), "--method", "l1", "--format", "json"])
+        assert res.exit_code == 0, res.output
+        names.append(Path(json.loads(res.stdout)["files"]["ranking"]).parent.name)
+    assert names == ["rank-tiny_model-l1", "rank-tiny_model-l1-2"]
+    res = runner.invoke(app, ["prune", "--latency-runs", "1", str(tiny_model), "--method", "l1", "--ratio", "0.25", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["run"] == "prune-tiny_model-l1"
+    assert ws.model_stem(ws.runs_dir / "prune-tiny_model-l1" / "model.safetensors") == "prune-tiny_model-l1"
+    assert ws.model_stem(Path("/x/My Model (v2).safetensors")) == "My-Model--v2"
+
+
 def test_cli_sensitivity_writes_csv_png_and_table(ws, tiny_model: Path, tiny_synthetic: Path) -> None:
     res = runner.invoke(app, ["rank", str(tiny_model), "--data", str(tiny_synthetic), "--method", "l1", "--sensitivity",
                               "--ratios", "0.5", "--ignore", "layer[234].*", "--name", "sens", "--format", "json"])

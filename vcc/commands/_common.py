@@ -24,7 +24,7 @@ FormatOpt = Annotated[
     Format,
     typer.Option("--format", "-f", help="Output: table (for people), json (one document on stdout), csv or markdown (for reports)."),
 ]
-NameOpt = Annotated[str | None, typer.Option("--name", help="Name of the artefact or run to create in the workspace.")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="Name of the run to create in the workspace (default: from the command and the model or arch, numbered -2, -3... when taken; a taken --name is refused).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="Loader worker processes (0: decode in the main process).")]
 

@@ -31,7 +31,6 @@ def register(app: typer.Typer) -> None:
           vcc port base-masked --name base-dense
           vcc port lstm-vib -d synthetic --onnx lstm.onnx
         """
-        from pathlib import Path
 
         from vcc.commands._common import log, render, workspace
         from vcc.core.artefact import load_model, provenance, save_model
@@ -44,8 +43,7 @@ def register(app: typer.Typer) -> None:
         ws = workspace()
         model_path = ws.resolve_model(model)
         data_path = ws.resolve_dataset(data) if data else None
-        stem = Path(model).name.removesuffix(".safetensors") if model_path.name == Path(model).name else model.split(":")[0]
-        run_name, run_dir = ws.new_run_dir(name, f"port-{stem}".replace("/", "-"))
+        run_name, run_dir = ws.new_run_dir(name, f"port-{ws.model_stem(model_path)}")
         net, meta = load_model(model_path)
         dense, dense_meta, info = port_model(net, meta)
 

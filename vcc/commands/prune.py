@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         model_path = ws.resolve_model(model)
         data_path = ws.resolve_dataset(data) if data else None
         method_l = method.lower()
-        run_name, _ = ws.new_run_dir(name, f"prune-{method_l}")
+        run_name, _ = ws.new_run_dir(name, f"prune-{ws.model_stem(model_path)}-{method_l}")
         from vcc.core.artefact import read_doc
         from vcc.core.training import TrainConfig
 

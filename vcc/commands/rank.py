@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         ratios: Annotated[str, typer.Option("--ratios", help="Comma-separated pruning ratios for --sensitivity.")] = "0.1,0.25,0.5,0.75",
         clips: Annotated[int, typer.Option("--clips", min=1, help="Clips per test video in --sensitivity evaluations.")] = 1,
         ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer-name glob to leave out (repeatable), e.g. 'layer4' (all inside it).")] = None,
-        out: Annotated[str | None, typer.Option("--out", "-o", help="Ranking file to write (default: runs/NAME/ranking-METHOD.safetensors).")] = None,
+        out: Annotated[str | None, typer.Option("--out", "-o", help="Ranking file to write (default: runs/NAME/ranking-METHOD.safetensors, NAME from --name or rank-MODEL-METHOD).")] = None,
         device: DeviceOpt = "auto",
         name: NameOpt = None,
         fmt: FormatOpt = Format.table,
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
             save(Path(out))
             written["ranking"] = str(Path(out))
         else:
-            run_name, run_dir = ws.new_run_dir(name, f"rank-{method_l}")
+            run_name, run_dir = ws.new_run_dir(name, f"rank-{ws.model_stem(model_path)}-{method_l}")
             with atomic_dir(run_dir, replace=False) as tmp:
                 save(Path(out) if out else tmp / f"ranking-{method_l}.safetensors")
                 if rows is not None:

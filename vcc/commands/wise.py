@@ -31,8 +31,8 @@ def register(app: typer.Typer) -> None:
         train (or on held-out videos: --fit-split val). Then it sweeps the exit
         threshold on test: accuracy, average MACs per video (each video pays
         everything it ran) and the share leaving at each exit. Writes
-        logits.safetensors, tradeoff.csv, wise.json and tradeoff.png into the
-        run folder.
+        logits.safetensors, tradeoff.csv, wise.json and tradeoff.png into a new
+        run, runs/NAME (default: wise-MODEL, -2, -3... when taken).
 
         Examples:
 
@@ -49,9 +49,7 @@ def register(app: typer.Typer) -> None:
         model_path = ws.resolve_model(model)
         data_path = ws.resolve_dataset(data)
         thr = parse_thresholds(thresholds)
-        stem = model_path.parent.name if model_path.name == "model.safetensors" else model_path.stem
-        base = f"wise-{stem}" if stem and stem[0].isalnum() else "wise"
-        run_name, run_dir = ws.new_run_dir(name, "".join(c if c.isalnum() or c in "_.+-" else "-" for c in base))
+        run_name, run_dir = ws.new_run_dir(name, f"wise-{ws.model_stem(model_path)}")
         try:
             with progress(transient=True) as prog:
                 doc = run_wise(

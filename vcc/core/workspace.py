@@ -122,6 +122,14 @@ class Workspace:
         known = ", ".join(self.runs()) or "none"
         raise VccError(f"model {spec!r} is neither a .safetensors file nor a run in {self.runs_dir} (runs: {known})")
 
+    def model_stem(self, model_path: Path) -> str:
+        """A short name for a model in default run names: its run's name for a run's
+        model/best/last.safetensors, else the file's stem; only characters run names allow."""
+        p = Path(model_path)
+        stem = p.parent.name if p.name in ("model.safetensors", "best.safetensors", "last.safetensors") else p.stem
+        stem = "".join(c if c.isalnum() or c in "_.+-" else "-" for c in stem).strip(".-_+")
+        return stem or "model"
+
     def new_run_dir(self, name: str | None, default_base: str) -> tuple[str, Path]:
         """(name, folder) of a run to create: `name` if given and free (else UsageError), or a free
         `default_base`, `default_base-2`, ... The folder is not made."""
