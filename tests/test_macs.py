@@ -204,11 +204,12 @@ def test_cli_json_is_the_only_stdout() -> None:
     proc = run_vcc("macs", "r3d_tiny", "--by-layer", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # the whole of stdout is one JSON document
-    assert list(doc) == ["model", "input", "macs", "params", "layers", "uncounted"]
+    assert list(doc) == ["model", "input", "macs", "params", "layers", "uncounted", "not_macs"]
     assert doc["model"] == "r3d_tiny" and doc["input"] == [3, 8, 32, 32]  # the arch's defaults
     assert sum(r["macs"] for r in doc["layers"]) == doc["macs"] > 0
     assert all(set(r) == {"name", "type", "macs", "params"} for r in doc["layers"])
     assert doc["uncounted"] == []
+    assert {"aten::add", "aten::max_pool3d"} <= set(doc["not_macs"])  # what the table's note lists, in JSON too
     assert proc.stderr == ""  # fvcore's and the jit tracer's warnings are silenced
 
 

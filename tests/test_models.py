@@ -13,6 +13,7 @@ from vcc.core.artefact import ModelMeta, input_spec, load_model, save_model
 from vcc.core.errors import UsageError
 from vcc.core.macs import count_params
 from vcc.core.models import build_model, get_spec, list_models
+from vcc.core.models.registry import arch_options
 
 ARCHS = list_models()
 # Big enough that forward + round trip belong in the slow run; they still build in the default run.
@@ -275,7 +276,8 @@ def test_unknown_arch_lists_known_archs() -> None:
     ("arch", "options", "needle"),
     [
         ("cnn_lstm", {"backbone": "vgg16"}, "unknown cnn_lstm backbone 'vgg16'"),
-        ("r3d_18", {"width": 2}, "bad options for arch 'r3d_18'"),
+        ("r3d_18", {"width": 2}, "arch 'r3d_18' has no option width; its options (defaults): "),
+        ("r3d_tiny", {"foo": 1, "bar": 2}, "arch 'r3d_tiny' has no option bar, foo; its options (defaults): shortcut='B', base_width=16"),
         ("s3d", {"dropout": 1.5}, "dropout must be in [0, 1)"),
         ("mobilenetv2_3d", {"width_mult": 0}, "width_mult must be > 0"),
     ],
@@ -284,6 +286,15 @@ def test_bad_options_are_usage_errors(arch: str, options: dict, needle: str) -> 
     with pytest.raises(UsageError, match=None) as err, torch.device("meta"):
         build_model(arch, 4, **options)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_every_arch_lists_its_options(arch: str) -> None:
+    """An unknown -o KEY names the arch's real options: every builder's signature says them."""
+    opts = arch_options(arch)
+    assert opts is not None and "num_classes" not in opts
+    with torch.device("meta"):
+        build_model(arch, 3, **{k: v for k, v in opts.items() if v is not None})  # the listed defaults are accepted
 
 
 def test_string_options_take_the_builders_types() -> None:

@@ -54,7 +54,8 @@ def register(app: typer.Typer) -> None:
             "macs": res.macs,
             "params": res.params,
             "layers": res.layers,
-            "uncounted": res.uncounted,
+            "uncounted": res.uncounted,  # ops that may carry MACs but are not counted (missing from the total)
+            "not_macs": res.ignored,  # ops counted as no MACs by definition: elementwise, pooling, norms
         }
         if exits is not None:
             doc["exits"] = exits

@@ -63,9 +63,28 @@ def get_spec(name: str) -> ModelSpec:
     return _MODELS[name]
 
 
+def arch_options(name: str) -> dict[str, Any] | None:
+    """The builder options arch `name` takes, with their defaults (None: the builder does not say)."""
+    import inspect
+
+    try:
+        params = inspect.signature(get_spec(name).builder).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: (None if p.default is p.empty else p.default) for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "num_classes"}
+
+
 def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
     """Build arch `name` with `num_classes` outputs and builder options (randomly initialised)."""
     spec = get_spec(name)
+    known = arch_options(name)
+    unknown = sorted(set(options) - set(known)) if known is not None else []
+    if unknown:
+        takes = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        raise UsageError(f"arch {name!r} has no option {', '.join(unknown)}; its options (defaults): {takes}")
     kwargs = _coerce_options(name, spec.builder, options)
     try:
         return spec.builder(num_classes=num_classes, **kwargs)
