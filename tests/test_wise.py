@@ -135,6 +135,11 @@ def test_vcc_wise_cli_json(session_ws, tiny_synthetic: Path, multi_exit_model: P
         assert rows[0]["exits"][0] == 1.0 and rows[-1]["exits"][-1] == 1.0
     vanilla = doc["methods"]["vanilla"]
     assert vanilla[0]["macs"] == doc["exits"][0]["macs"] and vanilla[-1]["macs"] == doc["exits"][-1]["macs"]
+    # WISE pays its weighted sums on top: k * C MACs at exit k; the full model is the backbone alone
+    c = doc["num_classes"]
+    assert doc["methods"]["wise"][0]["macs"] == doc["exits"][0]["macs"] + c
+    assert doc["methods"]["wise"][-1]["macs"] == doc["exits"][-1]["macs"] + c * (1 + 2 + 3 + 4)
+    assert isinstance(doc["full"]["macs"], int) and doc["full"]["macs"] < doc["exits"][-1]["macs"]
     assert vanilla[-1]["accuracy"] == doc["full"]["accuracy"]
     run = session_ws.root / "runs" / "wise-cli"
     assert (run / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

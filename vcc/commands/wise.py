@@ -80,5 +80,11 @@ def _report(doc: dict):
     for row, w in zip(doc["exits"], doc["wise_weights"], strict=False):
         ex.add(row["exit"], row["stage"], human_count(row["macs"]), " ".join(f"{v:.3g}" for v in w))
     tables.append(ex)
-    notes = [f"full model: accuracy {100 * full['accuracy']:.2f}%, {human_count(full['macs'])} MACs/video; run {doc.get('run', '')}"]
+    n_classes = doc.get("num_classes")
+    notes = [
+        f"full model (the backbone's own classifier, no exit heads): accuracy {100 * full['accuracy']:.2f}%, "
+        f"{human_count(full['macs'])} MACs/video; run {doc.get('run', '')}",
+        "MACs are averages per video: each video pays everything it ran, exit heads included; WISE and constant "
+        f"ensembles also pay their weighted sums, k*C MACs at exit k{f' (C = {n_classes} classes)' if n_classes else ''}",
+    ]
     return Report(doc, tables, notes)

@@ -217,7 +217,7 @@ def run_wise(
     check_classes(meta, list(info.classes))
     table, backbone_macs = exit_macs_and_backbone(model, meta)
     cum = [float(r["macs"]) for r in table]
-    full_macs = float(backbone_macs)
+    full_macs = int(backbone_macs)  # the backbone alone: its final classifier, no exit heads
     if fit_split not in ("train", "val"):
         raise UsageError(f"--fit-split must be train or val, got {fit_split!r}")
     if fit_split == "val" and not info.counts.get("val"):
@@ -259,6 +259,7 @@ def run_wise(
         "exits": table,
         "wise_weights": [[round(float(v), 6) for v in row[: i + 1]] for i, row in enumerate(beta)],
         "fit_split": fit_split,
+        "num_classes": int(n_classes),  # WISE and constant ensembles pay k * num_classes MACs at exit k
         "files": {},
     }
     csv_path, json_path, png_path = run_dir / "tradeoff.csv", run_dir / "wise.json", run_dir / "tradeoff.png"
