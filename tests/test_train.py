@@ -433,6 +433,12 @@ def test_exits_option_delegates_and_eval_threshold(ws, tiny_synthetic, tiny_mode
     out = _cli(ws, "eval", "ee", "--data", str(tiny_synthetic), "--threshold", "0.5", "--clips", "1", "-f", "json")
     ev = json.loads(out.stdout)
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["videos"] == 8
+    # the table follows plain eval's conventions: % accuracies, exact integer MACs, one row per exit
+    csv_text = _cli(ws, "eval", "ee", "--data", str(tiny_synthetic), "--threshold", "0.5", "--clips", "1", "-f", "csv").stdout
+    rows = dict(line.split(",", 1) for line in csv_text.split("\n\n")[0].splitlines()[1:])
+    assert float(rows["video top1"]) == round(100 * ev["accuracy"], 2)
+    assert rows["MACs at the last exit"] == str(ev["macs_full"]) and "e+" not in csv_text
+    assert csv_text.split("\n\n")[1].splitlines()[0] == "exit,stage,cumulative MACs,clips leaving %"
 
 
 @pytest.mark.slow

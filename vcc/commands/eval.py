@@ -60,8 +60,7 @@ def register(app: typer.Typer) -> None:
                 if not is_multi_exit(meta):
                     raise UsageError(f"--threshold needs a multi-exit model; {model!r} has no early exits (train some with `vcc train --exits`)")
                 res = evaluate_early_exit(net, meta, info, threshold=threshold, split=split, clips=clips, device=dev, progress=hook)
-                table = Table(["metric", "value"], [[k, v] for k, v in res.items() if isinstance(v, (int, float, str))], title=f"early exit at threshold {threshold}")
-                render(Report(res, [table]), fmt)
+                render(_early_exit_report(res, f"{model} on {info.name}/{split}, exit threshold {threshold:g}"), fmt)
                 return
             res = evaluate(net, meta, info, split=split, clips=clips, crops=crops, batch_size=batch_size, device=dev,
                            workers=workers, progress=hook, amp=amp)
@@ -102,3 +101,24 @@ def register(app: typer.Typer) -> None:
             notes.append(f"{missing} of {res['videos_in_split']} {split} videos could not be read and are left out of these "
                          f"figures (the warnings above name them)")
         render(Report(res, [summary, per_class], notes), fmt)
+
+
+def _early_exit_report(res: dict, title: str):
+    """`vcc eval --threshold`: the same conventions as a plain eval (accuracies in %, exact MACs)."""
+    from vcc.core.report import Report, Table
+
+    summary = Table(["metric", "value"], title=title)
+    summary.add("video top1", round(100 * res["accuracy"], 2))
+    summary.add("clip top1", round(100 * res["clip_accuracy"], 2))
+    summary.add("videos", res["videos"])
+    summary.add("clips", res["clips"])
+    summary.add("MACs per clip (average)", int(round(res["macs"])))
+    summary.add("MACs at the last exit", res["macs_full"])
+    summary.add("% of the last exit's MACs", round(100 * res["macs"] / res["macs_full"], 1) if res["macs_full"] else None)
+    summary.add("latency ms (batch 1, median)", round(res["latency_ms"], 3))
+    summary.add("latency ms (batch 1, mean)", round(res["latency_mean_ms"], 3))
+    exits = Table(["exit", "stage", "cumulative MACs", "clips leaving %"], title="exits")
+    for i, row in enumerate(res["exits"]):
+        exits.add(i + 1, row.get("stage"), int(row["macs"]), round(100 * row["share"], 1))
+    notes = ["accuracies in %; every clip pays the MACs of everything it ran, the exit heads it passed included"]
+    return Report(res, [summary, exits], notes)
