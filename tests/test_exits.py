@@ -206,14 +206,14 @@ def test_train_exits_freezes_backbone_and_saves_one_artefact(tmp_path: Path, tin
     res = train_exits(tiny_model, tiny_synthetic, cfg, tmp_path / "run", kd="progressive", teachers=[tiny_model], kd_epochs=[1, 1])
     model, meta = load_model(res.model_path)
     assert isinstance(model, MultiExit) and is_multi_exit(meta)
-    assert meta.extra["exits"]["schedule"] == ["tiny_model.safetensors", "final"]
+    assert meta.extra["exits"]["schedule"] == ["tiny_model", "final"]
     assert meta.provenance["parent_sha256"]
     for k, v in base.state_dict().items():  # frozen: weights and BN statistics untouched
         assert torch.equal(v, model.backbone.state_dict()[k]), k
     fresh, _ = _tiny()
     assert not torch.equal(model.heads[0].fc.weight, fresh.heads[0].fc.weight)
     assert len(res.history) == 2 and len(res.history[-1]["val_exit_top1"]) == 4
-    assert [r["kd_teacher"] for r in res.history] == ["tiny_model.safetensors", "final"]
+    assert [r["kd_teacher"] for r in res.history] == ["tiny_model", "final"]
 
 
 def test_evaluate_early_exit_thresholds(tiny_synthetic: Path) -> None:

@@ -414,6 +414,19 @@ def test_torchrun_gloo_two_ranks_agree(ws, tiny_synthetic, tmp_path) -> None:
     assert doc["history"][0]["epoch"] == 1
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--kd", "ce"], "--kd set early-exit training and need --exits"),
+    (["--teachers", "a,b", "--kd-epochs", "1,1,1"], "--teachers, --kd-epochs set early-exit training and need --exits"),
+    (["--exits", ""], "--exits needs auto or a comma list of stages"),
+    (["--exits", "auto", "--kd-epochs", "1,1,1", "--epochs", "5"], "--kd-epochs 1,1,1 trains 3 epochs but --epochs is 5"),
+])
+def test_exit_training_options_that_would_be_ignored_are_errors(ws, tiny_synthetic, tiny_model, args, needle) -> None:
+    proc = run_vcc("-w", str(ws.root), "train", "--data", str(tiny_synthetic), "--init", str(tiny_model), *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert not ws.runs_dir.exists() or not any(ws.runs_dir.iterdir())  # nothing written
+
+
 def test_exits_option_delegates_and_eval_threshold(ws, tiny_synthetic, tiny_model) -> None:
     """`vcc train --exits` builds a multi-exit artefact (vcc.core.exits); `vcc eval --threshold` runs it."""
     res = _cli(ws, "train", "--data", str(tiny_synthetic), "--init", str(tiny_model), "--exits", "auto", "--kd", "ce",

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         exits: Annotated[str | None, typer.Option("--exits", help="Early exits on --init's frozen backbone: auto or STAGE,STAGE...")] = None,
         kd: Annotated[str, typer.Option("--kd", help="Early-exit training: ce, progressive or anti-progressive.")] = "progressive",
         teachers: Annotated[str | None, typer.Option("--teachers", help="Early-exit KD teachers, weakest first: A,B,...")] = None,
-        kd_epochs: Annotated[str | None, typer.Option("--kd-epochs", help="Epochs per teacher: E1,E2,...")] = None,
+        kd_epochs: Annotated[str | None, typer.Option("--kd-epochs", help="Epochs per teacher, weakest first, one per teacher plus one for the final classifier (without --teachers: one per exit); their sum is the run's length.")] = None,
         stop_after: Annotated[int | None, typer.Option("--stop-after", hidden=True, help="Stop resumably after N epochs.")] = None,
         max_batches: MaxBatchesOpt = None,
         fmt: FormatOpt = Format.table,
@@ -93,11 +93,21 @@ def register(app: typer.Typer) -> None:
         ws = workspace()
         if resume:
             _check_resume_options(ctx)
+        if exits is None:
+            stray = [p for p in ("kd", "teachers", "kd_epochs") if _given(ctx, p)]
+            if stray:
+                raise UsageError(f"{', '.join('--' + p.replace('_', '-') for p in stray)} set early-exit training and need "
+                                 f"--exits (distillation from one model is --teacher)")
+        elif not exits.strip():
+            raise UsageError("--exits needs auto or a comma list of stages, e.g. layer1,layer2")
         if kd_epochs:
             try:
                 kd_epoch_list = [int(e) for e in kd_epochs.split(",") if e.strip()]
             except ValueError as exc:
                 raise UsageError(f"--kd-epochs expects integers E1,E2,..., got {kd_epochs!r}") from exc
+            if kd != "ce" and epochs is not None and sum(kd_epoch_list) != epochs:
+                raise UsageError(f"--kd-epochs {kd_epochs} trains {sum(kd_epoch_list)} epochs but --epochs is {epochs}; "
+                                 f"give one of them (--kd-epochs alone sets the length)")
         else:
             kd_epoch_list = None
         try:
@@ -133,12 +143,16 @@ def register(app: typer.Typer) -> None:
 RESUME_OPTIONS = {"resume", "epochs", "workers", "device", "stop_after", "max_batches", "fmt"}
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was set on the command line (or by its environment variable)."""
+    return getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def _check_resume_options(ctx: typer.Context) -> None:
     """--resume continues a run with the settings it started with: refuse options it would ignore."""
     from vcc.core.errors import UsageError
 
-    given = [p for p in ctx.command.params if p.name not in RESUME_OPTIONS
-             and getattr(ctx.get_parameter_source(p.name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
+    given = [p for p in ctx.command.params if p.name not in RESUME_OPTIONS and _given(ctx, p.name)]
     if given:
         names = ", ".join(max(p.opts, key=len) for p in given)
         raise UsageError(f"--resume continues a run with the settings it started with; {names} cannot change "

@@ -32,7 +32,7 @@ from vcc.core.artefact import ModelMeta, load_model
 from vcc.core.errors import UsageError, VccError
 from vcc.core.models.registry import register_wrapper
 from vcc.core.progress import ProgressFn
-from vcc.core.workspace import atomic_path
+from vcc.core.workspace import atomic_path, model_stem
 
 WRAPPER = "exits"
 KD_MODES = ("ce", "progressive", "anti-progressive")
@@ -560,7 +560,7 @@ def _teacher_name(p: int, teachers: list[str], kd: str) -> str:
     if kd == "ce" or p < 0:
         return "labels"
     if teachers:
-        return Path(teachers[p]).name if p < len(teachers) else "final"
+        return model_stem(teachers[p]) if p < len(teachers) else "final"
     return f"exit+{p + 1}"
 
 

@@ -123,12 +123,8 @@ class Workspace:
         raise VccError(f"model {spec!r} is neither a .safetensors file nor a run in {self.runs_dir} (runs: {known})")
 
     def model_stem(self, model_path: Path) -> str:
-        """A short name for a model in default run names: its run's name for a run's
-        model/best/last.safetensors, else the file's stem; only characters run names allow."""
-        p = Path(model_path)
-        stem = p.parent.name if p.name in ("model.safetensors", "best.safetensors", "last.safetensors") else p.stem
-        stem = "".join(c if c.isalnum() or c in "_.+-" else "-" for c in stem).strip(".-_+")
-        return stem or "model"
+        """:func:`model_stem` (a method for the commands' convenience)."""
+        return model_stem(model_path)
 
     def new_run_dir(self, name: str | None, default_base: str) -> tuple[str, Path]:
         """(name, folder) of a run to create: `name` if given and free (else UsageError), or a free
@@ -191,6 +187,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented JSON to `path` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def model_stem(model_path: str | Path) -> str:
+    """A short name for a model in run names and logs: its run's name for a run's
+    model/best/last.safetensors, else the file's stem; only characters run names allow."""
+    p = Path(model_path)
+    stem = p.parent.name if p.name in ("model.safetensors", "best.safetensors", "last.safetensors") else p.stem
+    stem = "".join(c if c.isalnum() or c in "_.+-" else "-" for c in stem).strip(".-_+")
+    return stem or "model"
 
 
 @contextlib.contextmanager
