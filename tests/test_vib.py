@@ -298,6 +298,11 @@ def test_cli_prune_vib_then_port(tiny_lstm_model, tiny_synthetic, tmp_path) -> N
     assert doc["after"]["params"] == port["after"]["params"] and 0 <= doc["after"]["video_top1"] <= 1
     dense, dmeta = load_model(port["model"])
     assert not vib.gated(dense) and "vib" not in [w["name"] for w in dmeta.wrappers]
+    # the CSV (no titles) says which "after" it is, and what each compression figure measures
+    csv_text = run_vcc("-w", ws, "prune", str(tiny_lstm_model), "--method", "vib", "--data", str(tiny_synthetic), "--epochs", "1",
+                       "--workers", "0", "--name", "v2", "--format", "csv", check=True).stdout
+    assert csv_text.splitlines()[0] == "metric,before,after (dense port),after (dense port)/before"
+    assert "compression x (the whole model: dense port params)," in csv_text and "\nmodel_compression," not in csv_text
 
 
 def test_cli_prune_vib_bad_layer_name(tiny_lstm_model, tiny_synthetic, tmp_path) -> None:

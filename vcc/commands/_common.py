@@ -22,7 +22,7 @@ class Format(str, enum.Enum):
 
 FormatOpt = Annotated[
     Format,
-    typer.Option("--format", "-f", help="Output: table (for people), json (one document on stdout), csv or markdown (for reports)."),
+    typer.Option("--format", "-f", help="Output: table (for people), json (one document on stdout), csv (a header and rows per table; several tables are separated by a blank line) or markdown (for reports)."),
 ]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Name of the run to create in the workspace (default: from the command and the model or arch, numbered -2, -3... when taken; a taken --name is refused).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]

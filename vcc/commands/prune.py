@@ -97,11 +97,15 @@ def register(app: typer.Typer) -> None:
                 from vcc.core.compress import compare_table
 
                 # before -> after like every other method; "after" is the result's dense port
-                tables = [compare_table(res["before"], res["after"],
+                tables = [compare_table(res["before"], res["after"], after_label="after (dense port)",
                                         title=f"vcc prune --method vib: {model} -> {run_name} (after: its dense port)")]
                 if res.get("table"):
                     tables.append(Table(list(res.get("columns") or [f"c{i}" for i in range(len(res["table"][0]))]), [list(r) for r in res["table"]], title="VIB: kept units per layer"))
-                scalars = [[k, v] for k, v in res.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+                labels = {"compression": "compression x (the gated part: LSTM params or else channels)",
+                          "model_compression": "compression x (the whole model: dense port params)",
+                          "lstm_compression": None}  # the same figure as compression
+                scalars = [[labels.get(k, k), v] for k, v in res.items()
+                           if isinstance(v, (int, float, str)) and not isinstance(v, bool) and labels.get(k, k)]
                 tables.append(Table(["key", "value"], scalars, title=f"vcc prune --method vib -> {run_name}"))
                 render(Report({"run": run_name, **res}, tables, [
                     f"model: {run_dir / 'model.safetensors'} (gated: same MACs until `vcc port {run_name}` makes it dense, "

@@ -17,11 +17,12 @@ COMPARE_ROWS = (
 )
 
 
-def compare_table(before: dict[str, Any], after: dict[str, Any], title: str = "before -> after"):
-    """A Table of metric, before, after, after/before for the keys both summaries have."""
+def compare_table(before: dict[str, Any], after: dict[str, Any], title: str = "before -> after", after_label: str = "after"):
+    """A Table of metric, before, after, after/before for the keys both summaries have (`after_label`
+    names the after column, e.g. "after (dense port)" where it is not the saved model itself)."""
     from vcc.core.report import Table
 
-    t = Table(["metric", "before", "after", "after/before"], title=title)
+    t = Table(["metric", "before", after_label, f"{after_label}/before"], title=title)
     for key, label in COMPARE_ROWS:
         if key not in before and key not in after:
             continue
