@@ -147,3 +147,13 @@ def test_new_run_dir_refuses_an_existing_run(tmp_path: Path) -> None:
         ws.new_run_dir("exits", "wise-exits")
     assert ws.new_run_dir(None, "exits") == ("exits-2", ws.run_dir("exits-2"))
     assert not ws.run_dir("exits-2").exists()
+
+
+@pytest.mark.parametrize("bad", ["-rf", ".hidden", "a/b", "", "x y"])
+def test_run_and_dataset_names_say_the_rule(bad: str) -> None:
+    from vcc.core.errors import UsageError
+    from vcc.core.workspace import check_name
+
+    with pytest.raises(UsageError, match=r"use letters, digits, '_', '\.', '\+', '-', starting with a letter or digit$"):
+        check_name(bad, "run name")
+    assert check_name("a-1.b_c+d", "run name") == "a-1.b_c+d"

@@ -143,6 +143,8 @@ def test_explicit_stages_and_errors() -> None:
     assert [h.fc.in_features for h in model.heads] == [16, 64]
     with pytest.raises(UsageError, match="unknown exit stage"):
         attach_exits(build_model("r3d_tiny", 3), meta, "layer9")
+    with pytest.raises(UsageError, match=r"after the last stage \(layer4\) would be the final classifier again"):
+        attach_exits(build_model("r3d_tiny", 3), meta, "layer4,layer1")
     with pytest.raises(UsageError, match="already has early exits"):
         attach_exits(model, meta2)
     with pytest.raises(UsageError, match="no stages"):

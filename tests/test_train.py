@@ -206,7 +206,10 @@ def test_ctrl_c_stops_at_a_batch_boundary_not_inside_running_code(tmp_path, sigi
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-def test_ctrl_c_exits_130_with_checkpoint(ws, tiny_synthetic) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_exits_130_with_checkpoint(ws, tiny_synthetic, sig) -> None:
+    """Ctrl-C, and SIGTERM (`kill`, a scheduler's preemption) alike: stop at a batch boundary, keep
+    the last completed epoch's checkpoint, exit 130 with the resume hint."""
     env = {**os.environ, "VCC_HOME": str(ws.root)}
     proc = subprocess.Popen([sys.executable, "-m", "vcc", "train", "--data", str(tiny_synthetic), "--name", "cc", "--epochs", "1000",
                              "--workers", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -223,7 +226,7 @@ def test_ctrl_c_exits_130_with_checkpoint(ws, tiny_synthetic) -> None:
     while epochs_done() < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert ckpt.exists()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=180)  # ~1.5 s when quiet; generous for a loaded 2-core CI box
     assert proc.returncode == 130, err
     assert "interrupted" in err and "--resume cc" in err and "Traceback" not in err
@@ -311,6 +314,21 @@ def test_init_from_third_party_pth(ws, tiny_synthetic, tmp_path) -> None:
     # conv weights came from the donor (lr ~0 keeps them); the classifier did not
     assert torch.allclose(got["conv1.weight"], donor.state_dict()["conv1.weight"], atol=1e-6)
     assert got["fc.weight"].shape[0] == 4
+
+
+def test_init_from_files_vcc_will_not_unpickle_says_why(tmp_path) -> None:
+    """--init a JSON file, or a pickle holding objects: one line saying what is wrong, no torch advice."""
+    from vcc.core.artefact import ArtefactError, import_weights
+
+    text = tmp_path / "run.json"
+    text.write_text('{"config": {}}')
+    with pytest.raises(ArtefactError, match=r"not a PyTorch checkpoint \(.pth/.pt\) or a .safetensors file$"):
+        import_weights(text)
+    obj = tmp_path / "obj.pth"
+    torch.save({"model": build_model("r3d_tiny", 4)}, obj)  # a whole module, not a state dict
+    with pytest.raises(ArtefactError, match="holds Python objects besides tensors") as err:
+        import_weights(obj)
+    assert "arbitrary code" not in str(err.value) and "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------- finetune keeps structure

@@ -168,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     if "--debug" in (argv if argv is not None else sys.argv[1:]):
         state.debug = True
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # `kill`, a scheduler's preemption: unwind like Ctrl-C (temporary files removed, training
+        # keeps its last completed epoch) instead of dying mid-write
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         app(args=argv, prog_name="vcc")
     except BrokenPipeError:

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the whole job on a fresh machine: prepare -> train -> rank -> prune -> finetune -> port -> eval, VIB, early exits + WISE.
 
-        Needs no data and no GPU (runs on the CPU, under 5 minutes on 2 cores). Every step
+        Needs no data and no GPU (runs on the CPU: about 4 minutes on 2 quiet cores, longer when they are shared; --quick takes seconds). Every step
         leaves an artefact in the workspace to reuse with the other commands, e.g.
         [bold]vcc macs demo-ported[/bold] or [bold]vcc eval demo-finetuned --data demo-synthetic[/bold].
         Re-running replaces the demo's own runs.

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[float | None, typer.Option("--lr", help="Learning rate for finetuning / vib training.")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Batch size for ranking, finetuning and evaluation.")] = 8,
         eval_clips: Annotated[int, typer.Option("--eval-clips", min=1, help="Clips per test video for the accuracy columns.")] = 1,
-        workers: WorkersOpt = 1,
+        workers: WorkersOpt = 0,
         latency_runs: Annotated[int, typer.Option("--latency-runs", min=1, help="Timed CPU forward passes for the latency rows (median).")] = 10,
         device: DeviceOpt = "auto",
         name: NameOpt = None,

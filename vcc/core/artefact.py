@@ -349,10 +349,17 @@ def import_weights(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:
             raise ArtefactError(f"{path}: unreadable safetensors ({first_line(exc)})") from exc
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise ArtefactError(f"{path}: not a PyTorch checkpoint (.pth/.pt) or a .safetensors file")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ArtefactError(f"{path}: cannot load with weights_only=True ({first_line(exc)})") from exc
+        if "Weights only load failed" in str(exc):
+            raise ArtefactError(f"{path}: holds Python objects besides tensors, and vcc never unpickles them; "
+                                f"save the model's state_dict() (or use .safetensors)") from exc
+        raise ArtefactError(f"{path}: unreadable checkpoint ({first_line(exc)})") from exc
     for key in ("state_dict", "model", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -102,7 +102,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
         return 0.0
     k = min(k, scores.shape[1])
     top = scores.topk(k, dim=1).indices
-    return float((top == labels[:, None]).any(dim=1).float().mean())
+    return int((top == labels[:, None]).any(dim=1).sum()) / len(labels)  # exact: 7/12, not float32's 0.58333331
 
 
 def video_accuracy(logits: torch.Tensor, labels: torch.Tensor, video_idx: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict[str, float]:
@@ -205,7 +205,7 @@ def evaluate(
     per_class = {}
     for c, name in enumerate(info.classes):
         mask = vl == c
-        per_class[name] = float((vpred[mask] == c).float().mean()) if mask.any() else None
+        per_class[name] = int((vpred[mask] == c).sum()) / int(mask.sum()) if mask.any() else None
     latency = measure_latency(model, meta, dev, batch=1, warmup=3, runs=latency_runs) if latency_runs > 0 else None
     return {
         **{k: acc[k] for k in ("clip_top1", "clip_top5", "video_top1", "video_top5")},

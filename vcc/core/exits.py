@@ -230,6 +230,9 @@ def resolve_stages(model: nn.Module, exits: str | Sequence[str] = "auto") -> lis
         raise UsageError(f"unknown exit stage(s) {', '.join(bad)} ({hint})")
     if len(set(names)) != len(names):
         raise UsageError("exit stages repeat")
+    if known and known[-1] in names:  # the final classifier already reads the last stage
+        raise UsageError(f"an exit after the last stage ({known[-1]}) would be the final classifier again at the same "
+                         f"MACs; choose among {', '.join(known[:-1])}")
     return names
 
 

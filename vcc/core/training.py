@@ -540,27 +540,36 @@ class _DeferredInterrupt:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = signal.getsignal(signal.SIGINT)
         self._pid = os.getpid()
-        self._installed = threading.current_thread() is threading.main_thread() and self._previous is signal.default_int_handler
-        if self._installed:
-            signal.signal(signal.SIGINT, self._handle)
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # SIGTERM too (a cluster scheduler's preemption, `kill`): the same graceful stop, where it
+        # would otherwise kill the process (default) or raise anywhere (vcc's CLI maps it to Ctrl-C)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            prev = signal.getsignal(sig)
+            if prev is signal.default_int_handler or (sig == signal.SIGTERM and prev is signal.SIG_DFL):
+                self._previous[sig] = prev
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:
-            return  # a forked loader worker: the main process stops it at the batch boundary
+        if os.getpid() != self._pid:  # a forked loader worker
+            if signum == signal.SIGTERM:
+                os._exit(128 + signum)  # the DataLoader terminates a stuck worker this way: let it
+            return  # Ctrl-C: the main process stops it at the batch boundary
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        what = b"Ctrl-C" if signum == signal.SIGINT else b"terminate signal"
         try:  # a raw write: a signal handler must not re-enter the progress display
-            os.write(2, b"\nstopping after this batch (Ctrl-C again to stop now)\n")
+            os.write(2, b"\n" + what + b": stopping after this batch (again to stop now)\n")
         except OSError:
             pass
 
     def restore(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous = {}
 
 
 def _fit(

@@ -32,7 +32,7 @@ def default_root() -> Path:
 def check_name(name: str, what: str = "name") -> str:
     """Validate a dataset or run name (letters, digits, _ . + -; no slashes)."""
     if not _NAME_RE.match(name or ""):
-        raise UsageError(f"invalid {what} {name!r}: use letters, digits, '_', '.', '+', '-'")
+        raise UsageError(f"invalid {what} {name!r}: use letters, digits, '_', '.', '+', '-', starting with a letter or digit")
     return name
 
 
@@ -91,6 +91,9 @@ class Workspace:
         if _NAME_RE.match(name) and (self.datasets_dir / name / "dataset.json").is_file():
             return self.datasets_dir / name
         known = ", ".join(self.datasets()) or "none; run `vcc prepare`"
+        if path.is_dir():  # a folder of videos, not yet prepared
+            raise VccError(f"{name} is a folder but not a prepared dataset (no dataset.json): "
+                           f"prepare it first with `vcc prepare folder --root {name}`")
         raise VccError(f"dataset {name!r} not found in {self.datasets_dir} (known: {known})")
 
     def resolve_model(self, spec: str) -> Path:
@@ -104,6 +107,8 @@ class Workspace:
                 return path
             if path.is_dir() and (path / "model.safetensors").is_file():
                 return path / "model.safetensors"
+            if path.is_dir():
+                raise VccError(f"{spec} is a folder without a model.safetensors (give a .safetensors file or a run)")
             raise VccError(f"model file not found: {spec}")
         name, _, which = spec.partition(":")
         if _NAME_RE.match(name):
