@@ -230,7 +230,7 @@ def main() -> None:
     vib_dir = ws.run_dir("vib", create=True)
     vib = run_vib(base_path, args.vib_epochs, "prune", vib_dir, finetune=False)
     t_vib = time.perf_counter() - t0
-    gated_path = Path(vib["model_path"])
+    gated_path = Path(vib["model"])
     vib_acc = acc(gated_path)
     ft_acc, t_ft = None, 0.0
     if args.ft_epochs > 0:
@@ -239,7 +239,7 @@ def main() -> None:
             gated_path, args.ft_epochs, "finetune", ws.run_dir("vib-ft", create=True), finetune=True
         )
         t_ft = time.perf_counter() - t0
-        gated_path = Path(ft["model_path"])
+        gated_path = Path(ft["model"])
         ft_acc = acc(gated_path)
 
     t0 = time.perf_counter()

@@ -240,12 +240,12 @@ def _cfg(**kw):
 def test_prune_vib_trains_gates_then_finetune_freezes_them(tiny_lstm_model, tiny_synthetic, tmp_path) -> None:
     res = vib.prune_vib(tiny_lstm_model, tiny_synthetic, _cfg(), tmp_path / "vib", kml=1.0, ib_lr=0.2, kl_factor=1.0,
                         mask_threshold=0.0, kml_layer={"lstm.l0.*": 2.0}, finetune=False, freeze_backbone=True, progress=None)
-    for key in ("model_path", "kept", "table", "columns", "lstm_params_before", "lstm_params_after", "compression", "history"):
+    for key in ("model", "kept", "table", "columns", "lstm_params_before", "lstm_params_after", "compression", "history"):
         assert key in res
     assert res["lstm_params_before"] == vib.lstm_param_count(512, 16) and len(res["history"]) == 1
     assert set(res["kept"]) >= {"lstm.input", "lstm.l0.i", "lstm.l0.f", "lstm.l0.g", "lstm.l0.o", "lstm.l0.hidden"}
     assert res["columns"] == ["layer", "kept", "total", "kept %"] and len(res["table"]) == len(res["kept"])
-    model, meta = load_model(res["model_path"])
+    model, meta = load_model(res["model"])
     assert vib.gated(model) and meta.options["freeze_backbone"] is True
     opts = [w for w in meta.wrappers if w["name"] == "vib"][0]["options"]
     assert opts["kml_layer"] == {"lstm.l0.*": 2.0} and opts["hard"] is True
@@ -257,9 +257,9 @@ def test_prune_vib_trains_gates_then_finetune_freezes_them(tiny_lstm_model, tiny
     init, _ = load_model(tiny_lstm_model)
     assert all(torch.equal(a, b) for a, b in zip(init.backbone.state_dict().values(), model.backbone.state_dict().values(), strict=True))
 
-    ft = vib.prune_vib(res["model_path"], tiny_synthetic, _cfg(), tmp_path / "ft", kml=1.0, ib_lr=0.2, kl_factor=1.0,
+    ft = vib.prune_vib(res["model"], tiny_synthetic, _cfg(), tmp_path / "ft", kml=1.0, ib_lr=0.2, kl_factor=1.0,
                        mask_threshold=0.0, kml_layer={}, finetune=True, progress=None)
-    m2, _ = load_model(ft["model_path"])
+    m2, _ = load_model(ft["model"])
     for name, g in vib.gates(m2).items():  # masks frozen: gate parameters untouched
         assert torch.equal(g.mu, gs[name].mu) and torch.equal(g.logD, gs[name].logD)
     assert not torch.equal(m2.fc.weight, model.fc.weight)  # the weights trained
@@ -288,7 +288,7 @@ def test_cli_prune_vib_then_port(tiny_lstm_model, tiny_synthetic, tmp_path) -> N
     doc = json.loads(proc.stdout)
     assert doc["run"] == "v" and doc["method"] == "vib" and doc["lstm_params_before"] == vib.lstm_param_count(512, 16)
     assert doc["kept"]["lstm.l0.hidden"][1] == 16 and len(doc["history"]) == 1
-    model, meta = load_model(doc["model_path"])
+    model, meta = load_model(doc["model"])
     assert vib.gated(model) and vib.gates(model)["lstm.input"].kml == 0.5
     proc = run_vcc("-w", ws, "port", "v", "--name", "d", "--format", "json", check=True)
     port = json.loads(proc.stdout)
@@ -322,7 +322,7 @@ def test_prune_vib_on_3d_cnn_channels(tiny_model, tiny_synthetic, tmp_path) -> N
     res = vib.prune_vib(tiny_model, tiny_synthetic, _cfg(max_batches=2), tmp_path / "r3d", kl_factor=1.0, ib_lr=0.5, progress=None)
     assert "layer1.0.conv1" in res["kept"] and "fc" not in res["kept"]
     assert res["channels_before"] == sum(t for _, t in res["kept"].values())
-    model, meta = load_model(res["model_path"])
+    model, meta = load_model(res["model"])
     assert vib.gated(model)
     # one gate per output channel of every conv
     assert {n: g.n for n, g in vib.gates(model).items()}["layer4.0.conv2"] == 128

@@ -625,7 +625,7 @@ def prune_vib(
     `freeze_backbone` trains a cnn_lstm's LSTM and classifier only (the arch's ``freeze_backbone``
     option, recorded in the artefact: backbone frozen, BN statistics fixed).
     Saves the gated model as ``run_dir/model.safetensors`` (gates hard, so later fine-tuning keeps
-    the masks) and returns ``{"model_path", "kept", "table", "columns", "history",
+    the masks) and returns ``{"model", "kept", "table", "columns", "history",
     "lstm_params_before", "lstm_params_after", "compression", ...}``; with `summaries`, also ``before``
     and ``after``: :func:`vcc.core.evaluate.summarise_model` rows of the model as loaded and of
     its dense port (what `vcc port` makes of the result; the saved gated model has the same MACs
@@ -708,7 +708,7 @@ def prune_vib(
     save_model(out_path, final, fmeta)
     cols, rows = vib_table(summ["kept"])
     doc: dict[str, Any] = {
-        "model_path": str(out_path),
+        "model": str(out_path),
         "method": "vib",
         "finetune": finetune,
         "kept": summ["kept"],
