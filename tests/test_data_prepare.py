@@ -443,3 +443,23 @@ def test_unwritable_workspace_fails_before_probing(tmp_path: Path, clip: Path) -
     assert res.returncode == 1 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "probe" not in res.stderr, res.stderr
+
+
+def test_relative_workspace_records_usable_paths(tmp_path: Path) -> None:
+    """`-w rel` (or a relative VCC_HOME): the manifest must not record the staging folder's
+    cwd-relative path; training from another directory reads the videos."""
+    import subprocess
+    import sys
+
+    def vcc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vcc", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+    proc = vcc("-q", "-w", "wsrel", "prepare", "synthetic", "--classes", "2", "--videos-per-class", "2", "--frames", "8",
+               "--size", "32", "--name", "s", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((tmp_path / "wsrel" / "datasets" / "s" / "manifest.jsonl").read_text().splitlines()[0])
+    assert ".tmp" not in first["path"] and not first["path"].startswith("wsrel")
+    (tmp_path / "elsewhere").mkdir()
+    proc = vcc("-q", "-w", str(tmp_path / "wsrel"), "train", "-d", "s", "--epochs", "1", "--name", "t", "-f", "json",
+               cwd=tmp_path / "elsewhere")
+    assert proc.returncode == 0 and "cannot load" not in proc.stderr, proc.stderr

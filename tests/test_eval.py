@@ -107,9 +107,17 @@ def test_eval_confusion_falls_back_to_workspace(ws, tiny_synthetic, tiny_model, 
     (model.parent / f"m.{tag}").mkdir()  # the CSV's name is taken by a folder: the write fails
     proc = run_vcc("eval", str(model), "--data", str(tiny_synthetic), "--clips", "1", "--device", "cpu", "-f", "json", check=True)
     doc = json.loads(proc.stdout)
-    assert Path(doc["confusion_csv"]) == ws.root / "evals" / f"m.{tag}"
+    assert Path(doc["confusion_csv"]) == ws.root / "evals" / f"shared.m.{tag}"  # the folder's name too: no clash
     assert Path(doc["confusion_csv"]).read_text().startswith("true\\pred,up,down")
     assert sorted(f.name for f in model.parent.iterdir()) == [f"m.{tag}", "m.safetensors"]  # no temp files left
+    # neither place writable (a read-only model store and workspace): the results still print, with a warning
+    shutil.rmtree(ws.root / "evals")
+    (ws.root / "evals").write_text("not a folder")
+    proc = run_vcc("eval", str(model), "--data", str(tiny_synthetic), "--clips", "1", "--device", "cpu", "-f", "json")
+    assert proc.returncode == 0, proc.stderr
+    doc2 = json.loads(proc.stdout)
+    assert doc2["confusion_csv"] is None and doc2["video_top1"] == doc["video_top1"]
+    assert "warning: confusion matrix not saved" in proc.stderr
 
 
 def test_eval_three_crops_matches_manual_aggregation(tiny_synthetic, tiny_model) -> None:

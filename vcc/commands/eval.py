@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         """
         from pathlib import Path
 
-        from vcc.commands._common import ProgressHook, progress, render, workspace
+        from vcc.commands._common import ProgressHook, log, progress, render, workspace
         from vcc.core.artefact import load_model
         from vcc.core.data.manifest import load_dataset
         from vcc.core.errors import UsageError
@@ -71,14 +71,20 @@ def register(app: typer.Typer) -> None:
         name = tag if path.name == "model.safetensors" else f"{path.stem}.{tag}"
         lines = ["true\\pred," + ",".join(info.classes)]
         lines += [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(info.classes, res["confusion"], strict=True)]
-        cm_path, csv_text = Path(path).with_name(name), "\n".join(lines) + "\n"
+        cm_path: Path | None = Path(path).with_name(name)
+        csv_text = "\n".join(lines) + "\n"
         try:
             atomic_write_text(cm_path, csv_text)
         except OSError:
-            cm_path = ws.root / "evals" / (f"{path.parent.name}.{name}" if name == tag else name)
-            cm_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cm_path, csv_text)
-        res["confusion_csv"] = str(cm_path)
+            cm_path = ws.root / "evals" / f"{path.parent.name}.{name}"
+            try:
+                cm_path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(cm_path, csv_text)
+            except OSError as exc:  # a read-only model store and workspace: the results still count
+                log(f"warning: confusion matrix not saved (neither beside the model nor in {cm_path.parent} is writable: "
+                    f"{exc.strerror or exc})")
+                cm_path = None
+        res["confusion_csv"] = None if cm_path is None else str(cm_path)
         res["model"] = str(path)
         res["dataset"] = info.name
         shown = model if path.name != Path(model).name else path.name  # the run name as typed, else the file
@@ -95,7 +101,7 @@ def register(app: typer.Typer) -> None:
         for c, n in zip(info.classes, counts, strict=True):
             acc = res["per_class"][c]
             per_class.add(c, n, None if acc is None else round(100 * acc, 2))
-        notes = [f"accuracies in %; confusion matrix: {cm_path}"]
+        notes = [f"accuracies in %; confusion matrix: {cm_path or 'not saved'}"]
         missing = res["videos_in_split"] - res["videos"]
         if missing > 0:
             notes.append(f"{missing} of {res['videos_in_split']} {split} videos could not be read and are left out of these "

@@ -42,6 +42,11 @@ class Workspace:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        # absolute from the start: paths recorded in manifests and run files must not depend on
+        # the directory a later command runs in (symlinks kept, as the user named them)
+        object.__setattr__(self, "root", Path(os.path.abspath(Path(self.root).expanduser())))
+
     @classmethod
     def default(cls) -> Workspace:
         return cls(default_root())
@@ -137,6 +142,7 @@ class Workspace:
         if name is None:
             name = self.unique_run_name(default_base)
         path = self.run_dir(name)
+        self.check_writable(self.runs_dir)  # before the work, with a message that names the workspace
         if path.exists():
             raise UsageError(f"run {name!r} already exists in {self.runs_dir}; choose another --name")
         return name, path
