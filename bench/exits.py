@@ -222,7 +222,7 @@ def main() -> None:
     if args.data:
         info = load_dataset(Path(args.data))
     else:
-        res = prepare_synthetic(ws, name="bench-exits", classes=args.classes, videos_per_class=args.videos_per_class, seed=0)
+        res = prepare_synthetic(ws, name="bench-exits", replace=True, classes=args.classes, videos_per_class=args.videos_per_class, seed=0)
         info = load_dataset(res.path)
     if args.holdout > 0:
         import dataclasses

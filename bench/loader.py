@@ -147,7 +147,7 @@ def main() -> None:
             dst = root / f"v{i:03d}{src.suffix}"
             os.link(src, dst) if _same_fs(src, root) else os.symlink(src, dst)
         ws = Workspace(Path(tmp) / "ws")
-        info = load_dataset(prepare_folder(ws, root.parent, val_ratio=0.0, name="bench").path)
+        info = load_dataset(prepare_folder(ws, root.parent, val_ratio=0.0, name="bench", replace=True).path)
         e0 = info.entries[0]
         out: dict = {
             "bench": "loader",

@@ -141,7 +141,7 @@ def main() -> None:
     ds_opts = {"classes": 4, "videos_per_class": 8, "frames": 16, "size": 32} if args.quick else {}
     if args.quick:
         args.epochs, args.finetune_epochs, args.batches, args.eval_clips, args.latency_runs, args.latency_rounds = 2, 1, 2, 1, 10, 3
-    res = prepare_synthetic(ws, name="bench-prune" + ("-quick" if args.quick else ""), **ds_opts)
+    res = prepare_synthetic(ws, name="bench-prune" + ("-quick" if args.quick else ""), replace=True, **ds_opts)
     info = load_dataset(res.path)
     timings["prepare_s"] = time.perf_counter() - t0
     common = {"frames": 8, "size": 32, "batch_size": args.batch_size, "workers": args.workers, "device": "cpu", "seed": 0,

@@ -146,7 +146,7 @@ def main() -> None:
         args.epochs, args.vib_epochs, args.ft_epochs = 2, 2, 1
     t0 = time.perf_counter()
     dname = "synthetic" + "".join(f"-{k[0]}{v}" for k, v in synth.items())
-    res = prepare_synthetic(ws, name=dname, **synth)
+    res = prepare_synthetic(ws, name=dname, replace=True, **synth)
     info = load_dataset(res.path)
     t_prepare = time.perf_counter() - t0
 

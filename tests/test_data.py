@@ -61,8 +61,11 @@ def test_synthetic_rerun_is_idempotent_and_validates(ws) -> None:
     again = prepare_synthetic(ws, name="s", classes=2, videos_per_class=2, frames=8, size=32, seed=1)
     assert again.counts == res.counts == {"train": 2, "test": 2}
     assert (res.path / "manifest.jsonl").stat().st_mtime_ns == stamp  # reused, not rewritten
-    other = prepare_synthetic(ws, name="s", classes=3, videos_per_class=2, frames=8, size=32, seed=1)
-    assert other.classes == MOTIONS[:3]
+    with pytest.raises(UsageError, match="dataset 's' exists, prepared from synthetic with other options"):
+        prepare_synthetic(ws, name="s", classes=3, videos_per_class=2, frames=8, size=32, seed=1)
+    assert load_dataset(res.path).classes == MOTIONS[:2]  # untouched
+    other = prepare_synthetic(ws, name="s", classes=3, videos_per_class=2, frames=8, size=32, seed=1, replace=True)
+    assert other.classes == MOTIONS[:3] and other.warnings == ["replaced dataset 's', which was prepared from synthetic with other options"]
     assert not [p for p in ws.datasets_dir.iterdir() if p.name.startswith(".s.")]  # no temp dirs left
     with pytest.raises(UsageError):
         prepare_synthetic(ws, name="bad", classes=1)

@@ -247,7 +247,7 @@ def test_folder_containers_val_ratio_and_corrupt(tmp_path: Path, ws: Workspace) 
     (empty / "x").mkdir(parents=True)
     (empty / "x" / "bad.avi").write_bytes(b"")
     with pytest.raises(VccError, match="no usable videos"):
-        prepare_folder(ws, empty, name="my-videos")
+        prepare_folder(ws, empty, name="my-videos", replace=True)
     assert load_dataset(ws.dataset_dir("my-videos")).counts == {"train": 12, "test": 8}
 
 
@@ -423,7 +423,13 @@ def test_prepare_is_quiet_and_plain_about_bad_files(tmp_path: Path, ws: Workspac
     first = run_vcc("prepare", "synthetic", "--classes", "2", "--videos-per-class", "2", "--frames", "8", "--size", "20",
                     "--name", "vids", env={"VCC_HOME": str(ws.root)})
     assert first.returncode == 0, first.stderr
-    res = run_vcc("prepare", "folder", "--root", str(root), "-f", "json", env={"VCC_HOME": str(ws.root)})
+    # another source under a taken name: refused at once (before probing), one line, nothing replaced
+    refused = run_vcc("prepare", "folder", "--root", str(root), "-f", "json", env={"VCC_HOME": str(ws.root)})
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.strip().splitlines() == [
+        "error: dataset 'vids' exists, prepared from synthetic; give another --name to keep both, or --replace to "
+        "overwrite it (runs trained on it then see the new one)"]
+    assert json.loads((ws.root / "datasets" / "vids" / "dataset.json").read_text())["source"] == "synthetic"
+    res = run_vcc("prepare", "folder", "--root", str(root), "--replace", "-f", "json", env={"VCC_HOME": str(ws.root)})
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     reasons = [s["reason"] for s in doc["skipped"]]
@@ -432,7 +438,7 @@ def test_prepare_is_quiet_and_plain_about_bad_files(tmp_path: Path, ws: Workspac
     assert "warning: replaced dataset 'vids', which was prepared from synthetic" in res.stderr
     assert "warning: 1 of 3 classes have no training videos: empty" in res.stderr
     again = run_vcc("prepare", "folder", "--root", str(root), "-f", "json", env={"VCC_HOME": str(ws.root)})
-    assert again.returncode == 0 and "replaced" not in again.stderr  # the same prepare again is idempotent
+    assert again.returncode == 0 and "replaced" not in again.stderr  # the same prepare again refreshes, no --replace
 
 
 def test_unwritable_workspace_fails_before_probing(tmp_path: Path, clip: Path) -> None:

@@ -104,10 +104,46 @@ def test_resume_refuses_settings_it_would_ignore_and_notes_a_longer_run(ws, tiny
     _cli(ws, "train", "--data", str(tiny_synthetic), *FAST, "--epochs", "2", "--max-batches", "1", "--name", "r", "--stop-after", "1")
     bad = run_vcc("-w", str(ws.root), "train", "--resume", "r", "--data", str(tiny_synthetic), "--lr", "0.1", "-a", "r3d_tiny")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: --resume continues a run with the settings it started with; --data, --arch, --lr cannot change "
-        "(with --resume: --epochs to extend it, --workers, --device)"]
+        "error: --resume continues a run with the settings it started with; --arch, --lr cannot change "
+        "(with --resume: --epochs to extend it, --workers, --device, --data where its dataset is now)"]
     out = " ".join(_cli(ws, "train", "--resume", "r", "--epochs", "3", "--workers", "0").stdout.split())
     assert "--epochs 3 changed the run's length from 2: from epoch 2 on, the learning rate follows the cosine schedule" in out
+
+
+def test_same_name_started_together_one_wins(ws, tiny_synthetic) -> None:
+    """Two `vcc train --name X` at once: the folder is claimed atomically, so one trains and the
+    other is refused; never one run folder with two trainings' files mixed."""
+    cmd = [sys.executable, "-m", "vcc", "-w", str(ws.root), "train", "--data", str(tiny_synthetic), *FAST,
+           "--max-batches", "1", "--name", "par"]
+    procs = [subprocess.Popen(cmd + ["--seed", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    assert "run 'par' already exists" in next(err for rc, err in results if rc == 2)
+    seed = json.loads((ws.run_dir("par") / "run.json").read_text())["config"]["seed"]
+    assert json.loads((ws.run_dir("par") / "checkpoint.json").read_text())["config"]["seed"] == seed
+    assert [p.name for p in ws.runs_dir.iterdir() if p.name.startswith(".")] == []  # no staging folders left
+
+
+def test_resume_in_a_moved_workspace_uses_its_own_dataset(ws, tiny_synthetic, tmp_path) -> None:
+    """A workspace copied elsewhere (rsync to a cluster) resumes its runs on its own copy of the
+    dataset, even while the old copy still exists; --data points a run at a dataset that moved."""
+    import shutil
+
+    _cli(ws, "prepare", "folder", "--root", str(tiny_synthetic / "videos"), "--name", "syn")
+    _cli(ws, "train", "--data", "syn", *FAST, "--epochs", "2", "--max-batches", "1", "--name", "m", "--stop-after", "1")
+    moved = tmp_path / "moved ws é"
+    shutil.copytree(ws.root, moved)
+    res = runner.invoke(app, ["--workspace", str(moved), "train", "--resume", "m", "--workers", "0", "-f", "json"])
+    assert res.exit_code == 0, res.output
+    run = json.loads((moved / "runs" / "m" / "run.json").read_text())
+    assert run["data"] == str(moved / "datasets" / "syn") and run["data_name"] == "syn"
+    shutil.rmtree(moved / "datasets" / "syn")  # gone from the copy: --data says where it is
+    _cli(ws, "train", "--data", "syn", *FAST, "--epochs", "2", "--max-batches", "1", "--name", "m2", "--stop-after", "1")
+    shutil.copytree(ws.run_dir("m2"), moved / "runs" / "m2")
+    res = runner.invoke(app, ["--workspace", str(moved), "train", "--resume", "m2", "--data", str(ws.datasets_dir / "syn"),
+                              "--workers", "0"])
+    assert res.exit_code == 0, res.output
 
 
 def test_resume_is_bit_exact(ws, tiny_synthetic) -> None:

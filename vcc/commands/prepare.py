@@ -9,7 +9,6 @@ import typer
 from vcc.commands._common import (
     Format,
     FormatOpt,
-    NameOpt,
     ProgressHook,
     log,
     progress,
@@ -21,6 +20,11 @@ MinFramesOpt = Annotated[int, typer.Option("--min-frames", min=1, help="Skip vid
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=1, max=32, help="Videos probed at once.")]
 RootOpt = Annotated[str, typer.Option("--root", help="Folder holding the videos.", show_default=False)]
 SplitOpt = Annotated[int, typer.Option("--split", min=1, max=3, help="Official split 1, 2 or 3.")]
+ReplaceOpt = Annotated[bool, typer.Option(
+    "--replace", help="Overwrite a dataset of the same --name prepared from another source or with other options "
+                      "(refused without it; the same prepare again just refreshes it).")]
+PrepNameOpt = Annotated[str | None, typer.Option(
+    "--name", help="Name of the dataset in the workspace (default: the dataset's, e.g. ucf101, or the --root folder's name).")]
 HoldoutOpt = Annotated[float, typer.Option(
     "--holdout", min=0.0, max=0.9,
     help="Share of each class's training videos (whole groups where the dataset has them) moved to a 'val' "
@@ -62,7 +66,8 @@ def register(app: typer.Typer) -> None:
         splits: Annotated[str, typer.Option("--splits", help="The official ucfTrainTestlist folder (classInd.txt, trainlist0N.txt, testlist0N.txt).", show_default=False)],
         split: SplitOpt = 1,
         holdout: HoldoutOpt = 0.0,
-        name: NameOpt = None,
+        name: PrepNameOpt = None,
+        replace: ReplaceOpt = False,
         min_frames: MinFramesOpt = 8,
         workers: WorkersOpt = 4,
         fmt: FormatOpt = Format.table,
@@ -76,7 +81,7 @@ def register(app: typer.Typer) -> None:
         """
         from vcc.core.data.prepare import prepare_ucf101
 
-        _run(prepare_ucf101, fmt, root=root, splits=splits, split=split, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
+        _run(prepare_ucf101, fmt, root=root, splits=splits, split=split, holdout=holdout, name=name, min_frames=min_frames, workers=workers, replace=replace)
 
     @sub.command("hmdb51")
     def hmdb51(
@@ -84,7 +89,8 @@ def register(app: typer.Typer) -> None:
         splits: Annotated[str, typer.Option("--splits", help="The testTrainMulti_7030_splits folder (<class>_test_split<N>.txt).", show_default=False)],
         split: SplitOpt = 1,
         holdout: HoldoutOpt = 0.0,
-        name: NameOpt = None,
+        name: PrepNameOpt = None,
+        replace: ReplaceOpt = False,
         min_frames: MinFramesOpt = 8,
         workers: WorkersOpt = 4,
         fmt: FormatOpt = Format.table,
@@ -98,14 +104,15 @@ def register(app: typer.Typer) -> None:
         """
         from vcc.core.data.prepare import prepare_hmdb51
 
-        _run(prepare_hmdb51, fmt, root=root, splits=splits, split=split, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
+        _run(prepare_hmdb51, fmt, root=root, splits=splits, split=split, holdout=holdout, name=name, min_frames=min_frames, workers=workers, replace=replace)
 
     @sub.command("ucf11")
     def ucf11(
         root: RootOpt,
         fold: Annotated[int | None, typer.Option("--fold", min=1, max=25, help="Leave-one-group-out: test on group K only (1..25). Default: test on groups 21-25.")] = None,
         holdout: HoldoutOpt = 0.0,
-        name: NameOpt = None,
+        name: PrepNameOpt = None,
+        replace: ReplaceOpt = False,
         min_frames: MinFramesOpt = 8,
         workers: WorkersOpt = 4,
         fmt: FormatOpt = Format.table,
@@ -119,7 +126,7 @@ def register(app: typer.Typer) -> None:
         """
         from vcc.core.data.prepare import prepare_ucf11
 
-        _run(prepare_ucf11, fmt, root=root, fold=fold, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
+        _run(prepare_ucf11, fmt, root=root, fold=fold, holdout=holdout, name=name, min_frames=min_frames, workers=workers, replace=replace)
 
     @sub.command("folder")
     def folder(
@@ -127,7 +134,8 @@ def register(app: typer.Typer) -> None:
         val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.95, help="Share of each class's videos put in the test split (not for trees already split into train/ and test/; --holdout makes a val split).")] = 0.2,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the per-class split.")] = 0,
         holdout: HoldoutOpt = 0.0,
-        name: NameOpt = None,
+        name: PrepNameOpt = None,
+        replace: ReplaceOpt = False,
         min_frames: MinFramesOpt = 8,
         workers: WorkersOpt = 4,
         fmt: FormatOpt = Format.table,
@@ -143,7 +151,7 @@ def register(app: typer.Typer) -> None:
         """
         from vcc.core.data.prepare import prepare_folder
 
-        _run(prepare_folder, fmt, root=root, val_ratio=val_ratio, seed=seed, holdout=holdout, name=name, min_frames=min_frames, workers=workers)
+        _run(prepare_folder, fmt, root=root, val_ratio=val_ratio, seed=seed, holdout=holdout, name=name, min_frames=min_frames, workers=workers, replace=replace)
 
     @sub.command("synthetic")
     def synthetic(
@@ -153,7 +161,8 @@ def register(app: typer.Typer) -> None:
         size: Annotated[int, typer.Option("--size", min=16, help="Frame width and height in pixels (even; the few sizes under 64 that decord misreads, such as 48, are refused).")] = 64,
         seed: Annotated[int, typer.Option("--seed", help="Generator seed (same seed, same videos).")] = 0,
         holdout: HoldoutOpt = 0.0,
-        name: NameOpt = None,
+        name: PrepNameOpt = None,
+        replace: ReplaceOpt = False,
         fmt: FormatOpt = Format.table,
     ) -> None:
         """Generate the built-in motion dataset: shapes whose motion (not looks) gives the class.
@@ -165,6 +174,6 @@ def register(app: typer.Typer) -> None:
         """
         from vcc.core.data.synthetic import prepare_synthetic
 
-        _run(prepare_synthetic, fmt, name=name or "synthetic", classes=classes, videos_per_class=videos_per_class, frames=frames, size=size, seed=seed, holdout=holdout)
+        _run(prepare_synthetic, fmt, name=name or "synthetic", classes=classes, videos_per_class=videos_per_class, frames=frames, size=size, seed=seed, holdout=holdout, replace=replace)
 
     app.add_typer(sub, name="prepare", help="Prepare a dataset (ucf101, hmdb51, ucf11, folder, synthetic) into the workspace.")

@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
             with progress() as prog:
                 hook = ProgressHook(prog)
                 if resume:
-                    res = train_run.resume(ws, resume, overrides={"epochs": epochs, "workers": workers, "device": device if device != "auto" else None,
+                    res = train_run.resume(ws, resume, data=data, overrides={"epochs": epochs, "workers": workers, "device": device if device != "auto" else None,
                                                                   "stop_after": stop_after, "max_batches": max_batches}, progress=hook)
                 else:
                     if not data:
@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
             render(fit_report(res, f"run {res.name}"), fmt)
 
 
-RESUME_OPTIONS = {"resume", "epochs", "workers", "device", "stop_after", "max_batches", "fmt"}
+RESUME_OPTIONS = {"resume", "epochs", "workers", "device", "stop_after", "max_batches", "fmt", "data"}
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -156,7 +156,7 @@ def _check_resume_options(ctx: typer.Context) -> None:
     if given:
         names = ", ".join(max(p.opts, key=len) for p in given)
         raise UsageError(f"--resume continues a run with the settings it started with; {names} cannot change "
-                         f"(with --resume: --epochs to extend it, --workers, --device)")
+                         f"(with --resume: --epochs to extend it, --workers, --device, --data where its dataset is now)")
 
 
 def _auto_workers(device: str) -> int:

@@ -95,7 +95,7 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
     t_stage = [time.perf_counter()]
     say("1/7 preparing the synthetic dataset")
     data_name = f"{prefix}-synthetic"
-    prep = prepare_synthetic(ws, name=data_name, classes=plan.classes, videos_per_class=plan.videos_per_class,
+    prep = prepare_synthetic(ws, name=data_name, replace=True, classes=plan.classes, videos_per_class=plan.videos_per_class,
                              frames=plan.video_frames, size=plan.video_size, seed=0, progress=progress)
     info = load_dataset(prep.path)
     out.dataset = data_name

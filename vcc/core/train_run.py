@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,20 +100,58 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
-def _new_run_dir(ws: Workspace, name: str | None, default: str) -> tuple[str, Path]:
+def _new_run_dir(ws: Workspace, name: str | None, default: str, doc: dict[str, Any]) -> tuple[str, Path]:
+    """Claim a new run folder with its run.json in one step: the folder is built aside and renamed
+    into place, which fails if the name was taken meanwhile (two `vcc train --name X` started
+    together: one wins, the other is refused; without --name the next free name is taken)."""
     if _rank() > 0:  # under torchrun rank 0 alone checks and writes; every rank uses the same name
         name = name or default
         return name, ws.run_dir(name)
-    if name or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        name = name or default
-        run_dir = ws.run_dir(name)
-        if run_dir.exists() and any(run_dir.glob("*.safetensors")):  # a run that never finished an epoch is reused
-            raise UsageError(f"run {name!r} already exists in {ws.runs_dir}; continue it with --resume {name} or pick another --name")
-    else:
-        name = ws.unique_run_name(default)
-        run_dir = ws.run_dir(name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return name, run_dir
+    explicit = bool(name) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ws.check_writable(ws.runs_dir)
+    for _ in range(1000):
+        run_name = (name or default) if explicit else ws.unique_run_name(default)
+        run_dir = ws.run_dir(run_name)
+        if explicit and run_dir.exists():
+            raise _run_exists(ws, run_name, run_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run_name}.", suffix=".tmp", dir=ws.runs_dir))
+        try:
+            atomic_write_json(tmp / RUN_FILE, doc)
+            os.rename(tmp, run_dir)  # atomic; fails on an existing non-empty folder
+            return run_name, run_dir
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not run_dir.exists():
+                raise
+            if explicit:
+                raise _run_exists(ws, run_name, run_dir) from exc
+    raise VccError(f"cannot find a free run name for {default!r} in {ws.runs_dir}")
+
+
+def _data_ref(ws: Workspace, info: Any) -> dict[str, Any]:
+    """How run.json names its dataset: the path, plus the workspace dataset name when it is one,
+    so a moved or copied workspace resumes on its own copy."""
+    root = Path(info.root)
+    inside = root.parent == ws.datasets_dir
+    return {"data": str(root), "data_name": root.name if inside else None}
+
+
+def _resume_data(ws: Workspace, spec: dict[str, Any], data: str | None) -> Path:
+    """The dataset a resumed run continues on: `data` if given, else the workspace's dataset of the
+    recorded name (this workspace's copy, wherever it moved), else the recorded path."""
+    if data:
+        return ws.resolve_dataset(data)
+    name = spec.get("data_name")
+    if name and (ws.datasets_dir / name / "dataset.json").is_file():
+        return ws.datasets_dir / name
+    return Path(spec["data"])
+
+
+def _run_exists(ws: Workspace, name: str, run_dir: Path) -> UsageError:
+    if any(run_dir.glob("*.safetensors")):
+        return UsageError(f"run {name!r} already exists in {ws.runs_dir}; continue it with --resume {name} or pick another --name")
+    return UsageError(f"run {name!r} already exists in {ws.runs_dir} and holds no model yet (another `vcc train` may be "
+                      f"writing it, or one was killed); pick another --name, or delete {run_dir}")
 
 
 @contextlib.contextmanager
@@ -214,20 +253,20 @@ def _run(ws: Workspace, info: Any, model: nn.Module, meta: ModelMeta, cfg: Train
          progress: ProgressFn | None) -> RunResult:
     # The callers have matched meta's classes to the dataset's (fit checks them again).
     cfg.validate()  # before the run folder exists: a bad option leaves nothing behind
-    run_name, run_dir = _new_run_dir(ws, name, default_name)
     cfg = dataclasses.replace(cfg, command=command, init=str(parent) if parent else None)
-    if _rank() == 0:
-        atomic_write_json(run_dir / RUN_FILE, {
-            "command": command, "data": str(info.root), "teacher": teacher_path,
-            "parent": str(parent) if parent else None, "config": cfg.to_json(), "meta": meta.to_json(),
-        })
+    run_name, run_dir = _new_run_dir(ws, name, default_name, {
+        "command": command, **_data_ref(ws, info), "teacher": teacher_path,
+        "parent": str(parent) if parent else None, "config": cfg.to_json(), "meta": meta.to_json(),
+    })
     with _discard_if_no_epoch(run_dir):
         res = fit(model, meta, info, cfg, run_dir, teacher=teacher, progress=progress)
     return RunResult(run_name, run_dir, res, notes)
 
 
-def resume(ws: Workspace, run: str, *, overrides: dict[str, Any] | None = None, progress: ProgressFn | None = None) -> RunResult:
-    """Continue run `run` from its last checkpoint (`overrides`: epochs, workers, device, stop_after...)."""
+def resume(ws: Workspace, run: str, *, overrides: dict[str, Any] | None = None, data: str | None = None,
+           progress: ProgressFn | None = None) -> RunResult:
+    """Continue run `run` from its last checkpoint (`overrides`: epochs, workers, device, stop_after...;
+    `data`: where its dataset is now, when it moved; the classes must match)."""
     from vcc.core.data.manifest import load_dataset
     from vcc.core.train_state import load_checkpoint
 
@@ -248,13 +287,16 @@ def resume(ws: Workspace, run: str, *, overrides: dict[str, Any] | None = None, 
         raise UsageError(f"--epochs {cfg.epochs} is fewer than the {doc['epoch']} epochs run {run!r} already did")
     meta = ModelMeta.from_json(doc["meta"])
     model = build_from_meta(meta, parts["model"])  # the structure (pruned shapes); fit restores the weights
-    info = load_dataset(spec["data"])
+    info = load_dataset(_resume_data(ws, spec, data))
+    check_classes(meta, list(info.classes), model_name=f"run {run!r}", data_name=f"dataset {info.name!r}")
     teacher, _ = _load_teacher(ws, spec.get("teacher"), list(info.classes))
     spec["config"] = cfg.to_json()
     if _rank() == 0:
-        atomic_write_json(run_file, spec)
+        atomic_write_json(run_file, {**spec, **_data_ref(ws, info)})  # where it trains now
     res = fit(model, meta, info, cfg, run_dir, teacher=teacher, resume=True, checkpoint=(parts, doc), progress=progress)
     notes = [f"resumed after epoch {doc['epoch']}"]
+    if str(info.root) != spec["data"]:
+        notes.append(f"on {info.root} (the run started on {spec['data']})")
     before = int(doc["config"].get("epochs", cfg.epochs))
     if cfg.epochs != before and cfg.schedule != "constant":
         notes.append(f"--epochs {cfg.epochs} changed the run's length from {before}: from epoch {int(doc['epoch']) + 1} on, "
@@ -289,9 +331,8 @@ def train_exits_run(
     stem = init_path.parent.name if init_path.name == "model.safetensors" else init_path.stem
     cfg = dataclasses.replace(cfg, command="train-exits", init=str(init_path), frames=cfg.frames or imeta.frames, size=cfg.size or imeta.size)
     cfg.validate()  # before the run folder exists: a bad option leaves nothing behind
-    run_name, run_dir = _new_run_dir(ws, name, f"{stem}-exits")
-    atomic_write_json(run_dir / RUN_FILE, {
-        "command": "train-exits", "data": str(info.root), "parent": str(init_path), "exits": exits, "kd": kd,
+    run_name, run_dir = _new_run_dir(ws, name, f"{stem}-exits", {
+        "command": "train-exits", **_data_ref(ws, info), "parent": str(init_path), "exits": exits, "kd": kd,
         "teachers": teacher_paths, "kd_epochs": kd_epochs, "config": cfg.to_json(),
     })
     with _discard_if_no_epoch(run_dir):

@@ -131,9 +131,10 @@ def _read_lines(path: Path) -> list[str]:
 # ---------------------------------------------------------------- the common tail
 
 
-def replaced_note(folder: Path, source: str, options: dict[str, Any]) -> list[str]:
-    """A warning when `folder` holds a dataset prepared from another source or with other options
-    (re-running the same prepare is silent: it is idempotent)."""
+def replaced_note(folder: Path, source: str, options: dict[str, Any], replace: bool = False) -> list[str]:
+    """Refuse (UsageError) to overwrite a dataset prepared from another source or with other options,
+    unless `replace`; then return the warning that says what was replaced. Re-running the same
+    prepare (same source and options) refreshes the dataset silently."""
     try:
         prev = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -142,7 +143,10 @@ def replaced_note(folder: Path, source: str, options: dict[str, Any]) -> list[st
         return []
     root = (prev.get("options") or {}).get("root")
     what = f"{prev.get('source', '?')}" + (f" {root}" if root else "") + (" with other options" if prev.get("source") == source else "")
-    return [f"replaced dataset {folder.name!r}, which was prepared from {what} (give --name to keep both)"]
+    if not replace:
+        raise UsageError(f"dataset {folder.name!r} exists, prepared from {what}; give another --name to keep both, or "
+                         f"--replace to overwrite it (runs trained on it then see the new one)")
+    return [f"replaced dataset {folder.name!r}, which was prepared from {what}"]
 
 
 def empty_class_note(classes: list[str], entries: list[VideoEntry]) -> list[str]:
@@ -170,6 +174,7 @@ def _build(
     split_auto: tuple[float, int] | None = None,
     holdout: float = 0.0,
     group_of: Callable[[Path], Any] | None = None,
+    replace: bool = False,
 ) -> PrepareResult:
     """Probe, skip, split (entries with split "auto" when `split_auto=(val_ratio, seed)`), hold out, write."""
     check_name(name, "dataset name")
@@ -177,6 +182,8 @@ def _build(
         raise UsageError(f"--min-frames must be at least 1, got {min_frames}")
     check_holdout(holdout)
     ws.check_writable(ws.datasets_dir)
+    options = {**options, "min_frames": min_frames, **({"holdout": holdout} if holdout > 0 else {})}
+    replaced = replaced_note(ws.dataset_dir(name), source, options, replace)  # before the long probing
     skipped = list(skipped or [])
     seen: set[Path] = set()
     to_probe: list[tuple[Path, int, str]] = []
@@ -207,8 +214,7 @@ def _build(
     if not entries:
         first = f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise VccError(f"no usable videos found for {source} dataset {name!r}{first}")
-    options = {**options, "min_frames": min_frames, **({"holdout": holdout} if holdout > 0 else {})}
-    warnings = replaced_note(ws.dataset_dir(name), source, options) + empty_class_note(classes, entries)
+    warnings = replaced + empty_class_note(classes, entries)
     with atomic_dir(ws.dataset_dir(name)) as tmp:
         counts = write_dataset(tmp, name, classes, entries, source=source, options=options, skipped=skipped)
     return PrepareResult(name, ws.dataset_dir(name), list(classes), counts, skipped, warnings)
@@ -250,6 +256,7 @@ def prepare_ucf101(
     workers: int | None = None,
     progress: ProgressFn | None = None,
     holdout: float = 0.0,
+    replace: bool = False,
 ) -> PrepareResult:
     """UCF101 from the archive (`UCF-101/<Class>/*.avi`) and the official `ucfTrainTestlist`."""
     _check_split(split, "UCF101")
@@ -285,6 +292,7 @@ def prepare_ucf101(
         ws, name or ("ucf101" if split == 1 else f"ucf101-split{split}"), classes, candidates,
         source="ucf101", options=options, min_frames=min_frames, workers=workers, progress=progress, skipped=skipped,
         holdout=holdout, group_of=ucf101_group,
+        replace=replace,
     )
 
 
@@ -312,6 +320,7 @@ def prepare_hmdb51(
     workers: int | None = None,
     progress: ProgressFn | None = None,
     holdout: float = 0.0,
+    replace: bool = False,
 ) -> PrepareResult:
     """HMDB51: `<root>/<class>/<name>.avi` and `<class>_test_split<N>.txt` lists (1 train, 2 test, 0 unused)."""
     _check_split(split, "HMDB51")
@@ -348,6 +357,7 @@ def prepare_hmdb51(
         ws, name or ("hmdb51" if split == 1 else f"hmdb51-split{split}"), classes, candidates,
         source="hmdb51", options=options, min_frames=min_frames, workers=workers, progress=progress, skipped=skipped,
         holdout=holdout,
+        replace=replace,
     )
 
 
@@ -375,6 +385,7 @@ def prepare_ucf11(
     workers: int | None = None,
     progress: ProgressFn | None = None,
     holdout: float = 0.0,
+    replace: bool = False,
 ) -> PrepareResult:
     """UCF11 (`action_youtube_naudio/<class>/v_<short>_<GG>/v_<short>_<GG>_<CC>.avi`), split by group.
 
@@ -406,6 +417,7 @@ def prepare_ucf11(
         ws, name or default, classes, candidates,
         source="ucf11", options=options, min_frames=min_frames, workers=workers, progress=progress, skipped=skipped,
         holdout=holdout, group_of=_ucf11_group,
+        replace=replace,
     )
 
 
@@ -427,6 +439,7 @@ def prepare_folder(
     workers: int | None = None,
     progress: ProgressFn | None = None,
     holdout: float = 0.0,
+    replace: bool = False,
 ) -> PrepareResult:
     """Any `<root>/<class>/<video>` tree; `val_ratio` of each class (shuffled by `seed`) is the test split.
 
@@ -462,6 +475,7 @@ def prepare_folder(
         ws, name or default, classes, candidates,
         source="folder", options=options, min_frames=min_frames, workers=workers, progress=progress,
         split_auto=None if presplit else (val_ratio, seed), holdout=holdout,
+        replace=replace,
     )
 
 

@@ -56,6 +56,7 @@ def prepare_synthetic(
     seed: int = DEFAULTS["seed"],
     progress: ProgressFn | None = None,
     holdout: float = 0.0,
+    replace: bool = False,
 ) -> PrepareResult:
     """Generate `classes` x `videos_per_class` videos into ``datasets/<name>/`` (75/25 split).
 
@@ -84,7 +85,7 @@ def prepare_synthetic(
     if existing is not None:
         return existing
     ws.check_writable(ws.datasets_dir)
-    warnings = replaced_note(folder, "synthetic", options)
+    warnings = replaced_note(folder, "synthetic", options, replace)
 
     class_names = MOTIONS[:classes]
     n_test = max(1, round(videos_per_class * TEST_FRACTION))
