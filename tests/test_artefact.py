@@ -157,3 +157,18 @@ def test_run_and_dataset_names_say_the_rule(bad: str) -> None:
     with pytest.raises(UsageError, match=r"use letters, digits, '_', '\.', '\+', '-', starting with a letter or digit$"):
         check_name(bad, "run name")
     assert check_name("a-1.b_c+d", "run name") == "a-1.b_c+d"
+
+
+def test_atomic_dir_without_replace_refuses_a_folder_made_meanwhile(tmp_path: Path) -> None:
+    """Two commands finishing into one new run name: the second is refused (exit 2), its temp folder
+    removed, the first one's files untouched."""
+    from vcc.core.errors import UsageError
+    from vcc.core.workspace import atomic_dir
+
+    with atomic_dir(tmp_path / "r", replace=False) as first:
+        (first / "a").write_text("first")
+    with pytest.raises(UsageError, match=r"'r' already exists in .* \(made meanwhile by another command") as err:
+        with atomic_dir(tmp_path / "r", replace=False) as second:
+            (second / "b").write_text("second")
+    assert err.value.exit_code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"] and sorted(p.name for p in (tmp_path / "r").iterdir()) == ["a"]

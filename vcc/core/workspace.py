@@ -220,9 +220,16 @@ def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        if not replace:
+            try:
+                os.rename(tmp, path)  # atomic; refuses an existing non-empty folder (one made meanwhile)
+            except OSError as exc:
+                if not path.exists():
+                    raise
+                raise UsageError(f"{path.name!r} already exists in {path.parent} (made meanwhile by another command?); "
+                                 f"run again, or with another --name") from exc
+            return
         if path.exists():
-            if not replace:
-                raise VccError(f"{path} already exists")
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
