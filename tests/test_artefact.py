@@ -172,3 +172,43 @@ def test_atomic_dir_without_replace_refuses_a_folder_made_meanwhile(tmp_path: Pa
             (second / "b").write_text("second")
     assert err.value.exit_code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"] and sorted(p.name for p in (tmp_path / "r").iterdir()) == ["a"]
+
+
+def test_atomic_writes_get_the_umask_mode_not_private(tmp_path: Path) -> None:
+    """Files and folders written through temp siblings end with an ordinary open/mkdir's mode
+    (0644/0755 under umask 022), not mkstemp/mkdtemp's private 0600/0700: shared workspaces."""
+    import os
+    import stat
+
+    from vcc.core.workspace import atomic_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.json", "{}")
+        with atomic_dir(tmp_path / "d") as tmp:
+            atomic_write_text(tmp / "g.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "d" / "g.txt").stat().st_mode) == 0o644
+
+
+def test_plain_names_are_the_workspaces_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder in the current directory named like a workspace run or dataset does not shadow it;
+    ./NAME reaches the folder."""
+    from vcc.core.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    (ws.runs_dir / "base").mkdir(parents=True)
+    (ws.runs_dir / "base" / "model.safetensors").write_bytes(b"x")
+    (ws.datasets_dir / "syn").mkdir(parents=True)
+    (ws.datasets_dir / "syn" / "dataset.json").write_text("{}")
+    cwd = tmp_path / "cwd"
+    (cwd / "base").mkdir(parents=True)  # a config folder that happens to share the run's name
+    (cwd / "syn").mkdir()
+    (cwd / "syn" / "dataset.json").write_text("{}")
+    monkeypatch.chdir(cwd)
+    assert ws.resolve_model("base") == ws.runs_dir / "base" / "model.safetensors"
+    assert ws.resolve_dataset("syn") == ws.datasets_dir / "syn"
+    assert ws.resolve_dataset("./syn") == Path("./syn")

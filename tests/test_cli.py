@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import run_vcc
@@ -111,3 +112,14 @@ def test_bad_option_value_is_one_line() -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--split" in lines[0], res.stderr
     res = run_vcc("--bogus")
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: No such option: --bogus (see `vcc -h`)"]
+
+
+@pytest.mark.parametrize(("args", "hint"), [
+    (["macs", "r3d_tiny", "-q"], "error: -q is a global option: put it before the command, e.g. `vcc -q macs ...`"),
+    (["prepare", "synthetic", "--workspace", "/x"],
+     "error: --workspace is a global option: put it before the command, e.g. `vcc --workspace VALUE prepare synthetic ...`"),
+])
+def test_global_options_after_the_command_get_a_hint(args: list[str], hint: str) -> None:
+    proc = run_vcc(*args)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [hint]
+

@@ -139,7 +139,7 @@ def test_normalize() -> None:
     assert torch.allclose(normalize(x[0], [0, 0, 0], [1, 1, 1]), torch.tensor(1.0))
 
 
-def test_bad_videos_are_replaced_and_counted(tmp_path: Path, tiny_synthetic: Path) -> None:
+def test_bad_videos_are_replaced_and_counted(tmp_path: Path, tiny_synthetic: Path, caplog: pytest.LogCaptureFixture) -> None:
     good = load_dataset(tiny_synthetic).split("train")[:4]
     (tmp_path / "empty.avi").write_bytes(b"")
     (tmp_path / "text.avi").write_text("not a video at all\n" * 50)
@@ -155,6 +155,8 @@ def test_bad_videos_are_replaced_and_counted(tmp_path: Path, tiny_synthetic: Pat
         n = sum(len(y) for _, y, _ in ld)
         assert n == 7  # a full epoch: every failure replaced by another video
         assert ld.dataset.failures >= 3
+        if workers == 0:  # logged in this process: a missing file is named as missing, not as damaged
+            assert any("missing.avi (missing: moved or deleted since `vcc prepare`)" in r.getMessage() for r in caplog.records)
     all_bad = tmp_path / "bad"
     all_bad.mkdir()
     write_dataset(all_bad, "bad", ["a", "b"], bad, source="test")

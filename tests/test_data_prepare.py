@@ -285,7 +285,8 @@ def test_prepare_synthetic_cli(ws: Workspace) -> None:
 
     proc = run_vcc("prepare", "synthetic", "--classes", "3", "--videos-per-class", "4", "--frames", "8", "--size", "32", "--name", "syn", "--format", "json", check=True, timeout=120)
     doc = json.loads(proc.stdout)
-    assert doc == {"name": "syn", "classes": ["up", "down", "sideways"], "counts": {"train": 9, "test": 3}, "skipped": []}
+    assert doc == {"name": "syn", "path": str(ws.root / "datasets" / "syn"), "classes": ["up", "down", "sideways"],
+                   "counts": {"train": 9, "test": 3}, "skipped": []}
     assert load_dataset(ws.dataset_dir("syn")).counts == {"train": 9, "test": 3}
     held = json.loads(run_vcc("prepare", "synthetic", "--classes", "3", "--videos-per-class", "4", "--frames", "8", "--size", "32",
                               "--holdout", "0.34", "--name", "syn-held", "--format", "json", check=True, timeout=120).stdout)

@@ -468,6 +468,14 @@ def test_torchrun_gloo_two_ranks_agree(ws, tiny_synthetic, tmp_path) -> None:
     assert doc["history"][0]["epoch"] == 1
 
 
+@pytest.mark.parametrize("opt", ["--epochs", "--frames", "--size"])
+def test_zero_is_refused_not_taken_for_the_default(ws, tiny_synthetic, opt) -> None:
+    """`--epochs 0` (a smoke-test variable) used to launch the default 20-epoch run."""
+    proc = run_vcc("-w", str(ws.root), "train", "--data", str(tiny_synthetic), opt, "0", "--name", "z")
+    assert proc.returncode == 2 and opt in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not ws.run_dir("z").exists()
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["--kd", "ce"], "--kd set early-exit training and need --exits"),
     (["--teachers", "a,b", "--kd-epochs", "1,1,1"], "--teachers, --kd-epochs set early-exit training and need --exits"),

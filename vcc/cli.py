@@ -69,6 +69,13 @@ def _usage_error(exc: Any) -> None:
     if type(exc).__name__ == "NoArgsIsHelpError":  # `vcc prepare` alone: click prints the help
         raise exc
     where = getattr(exc.ctx, "command_path", None)
+    opt = getattr(exc, "option_name", None)
+    root = exc.ctx.find_root() if getattr(exc, "ctx", None) is not None else None
+    glob = next((p for p in (root.command.params if root is not None and root is not exc.ctx else []) if opt in p.opts), None)
+    if glob is not None:  # `vcc macs r3d_tiny -q`: a global option after the command
+        arg = "" if getattr(glob, "is_flag", False) else " VALUE"
+        sub = (where or "").partition(" ")[2] or exc.ctx.info_name
+        _error(f"{opt} is a global option: put it before the command, e.g. `vcc {opt}{arg} {sub} ...`", exc.exit_code)
     _error(exc.format_message() + (f" (see `{where} -h`)" if where else ""), exc.exit_code)
 
 
@@ -179,6 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _closed_pipe()
         sys.exit(0)
+    finally:
+        # The work is over and reported: a Ctrl-C or SIGTERM landing during interpreter shutdown
+        # (where Python restores the default handlers) must not turn a finished command into "killed".
+        for sig in (signal.SIGINT, signal.SIGTERM) if argv is None else ():  # the console script only
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except (ValueError, OSError):  # not the main thread (an embedding application)
+                pass
 
 
 if __name__ == "__main__":

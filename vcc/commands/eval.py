@@ -69,10 +69,15 @@ def register(app: typer.Typer) -> None:
         # one file per dataset and split, so evaluating another split never overwrites this one
         tag = f"confusion-{info.name}-{split}.csv"
         name = tag if path.name == "model.safetensors" else f"{path.stem}.{tag}"
-        lines = ["true\\pred," + ",".join(info.classes)]
-        lines += [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(info.classes, res["confusion"], strict=True)]
+        import csv
+        import io
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")  # quoted: class names may hold commas or quotes
+        writer.writerow(["true\\pred", *info.classes])
+        writer.writerows([c, *row] for c, row in zip(info.classes, res["confusion"], strict=True))
+        csv_text = buf.getvalue()
         cm_path: Path | None = Path(path).with_name(name)
-        csv_text = "\n".join(lines) + "\n"
         try:
             atomic_write_text(cm_path, csv_text)
         except OSError:

@@ -35,9 +35,9 @@ def register(app: typer.Typer) -> None:
         arch: Annotated[str | None, typer.Option("--arch", "-a", help="Model arch (default: r3d_tiny, or --init's arch).")] = None,
         name: NameOpt = None,
         option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Arch builder option KEY=VALUE (repeatable), e.g. -o backbone=tiny -o hidden_size=64.")] = None,
-        frames: Annotated[int, typer.Option("--frames", help="Frames per clip (default: the arch's; r3d_tiny 8).", show_default=False)] = 0,
-        size: Annotated[int, typer.Option("--size", help="Crop size in pixels (default: the arch's; r3d_tiny 32).", show_default=False)] = 0,
-        epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Epochs (default: 20).")] = None,
+        frames: Annotated[int | None, typer.Option("--frames", min=1, help="Frames per clip (default: the arch's; r3d_tiny 8).", show_default=False)] = None,
+        size: Annotated[int | None, typer.Option("--size", min=1, help="Crop size in pixels (default: the arch's; r3d_tiny 32).", show_default=False)] = None,
+        epochs: Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Epochs (default: 20).")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per batch (per process under torchrun).")] = 8,
         lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 3e-3,
         optimizer: OptimizerOpt = "adamw",
@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
                     if not data:
                         raise UsageError("--data NAME is required (or --resume RUN)")
                     cfg = TrainConfig(
-                        frames=frames, size=size, epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                        frames=frames or 0, size=size or 0, epochs=20 if epochs is None else epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                         schedule=schedule, warmup=warmup, weight_decay=weight_decay, workers=_auto_workers(device) if workers is None else workers,
                         device=device, amp=amp, compile=compile_, compile_mode=compile_mode, seed=seed, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
                         stop_after=stop_after, max_batches=max_batches,

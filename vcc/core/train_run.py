@@ -31,7 +31,7 @@ from vcc.core.artefact import (
 from vcc.core.errors import UsageError, VccError
 from vcc.core.progress import ProgressFn
 from vcc.core.training import FitResult, TrainConfig, check_classes, fit
-from vcc.core.workspace import Workspace, atomic_write_json
+from vcc.core.workspace import Workspace, atomic_write_json, normal_mode
 
 RUN_FILE = "run.json"
 
@@ -115,6 +115,7 @@ def _new_run_dir(ws: Workspace, name: str | None, default: str, doc: dict[str, A
         if explicit and run_dir.exists():
             raise _run_exists(ws, run_name, run_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{run_name}.", suffix=".tmp", dir=ws.runs_dir))
+        normal_mode(tmp, is_dir=True)
         try:
             atomic_write_json(tmp / RUN_FILE, doc)
             os.rename(tmp, run_dir)  # atomic; fails on an existing non-empty folder

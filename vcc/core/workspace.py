@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -91,10 +92,12 @@ class Workspace:
     def resolve_dataset(self, name: str) -> Path:
         """The folder of a prepared dataset, or a one-line error listing the known ones."""
         path = Path(name)
-        if path.is_dir() and (path / "dataset.json").is_file():
-            return path
+        # a plain name is the workspace's dataset first (a folder of that name in the current
+        # directory does not shadow it; write ./NAME for that folder)
         if _NAME_RE.match(name) and (self.datasets_dir / name / "dataset.json").is_file():
             return self.datasets_dir / name
+        if path.is_dir() and (path / "dataset.json").is_file():
+            return path
         known = ", ".join(self.datasets()) or "none; run `vcc prepare`"
         if path.is_dir():  # a folder of videos, not yet prepared
             raise VccError(f"{name} is a folder but not a prepared dataset (no dataset.json): "
@@ -107,7 +110,11 @@ class Workspace:
         A run name may carry a suffix: `RUN:best`, `RUN:last`.
         """
         path = Path(spec).expanduser()
-        if path.suffix == ".safetensors" or os.sep in spec or path.exists():
+        run_name = spec.partition(":")[0]
+        plain = os.sep not in spec and path.suffix != ".safetensors" and bool(_NAME_RE.match(run_name))
+        if plain and (self.runs_dir / run_name).is_dir():
+            pass  # a plain name is the workspace's run first (write ./NAME for a folder of that name)
+        elif path.suffix == ".safetensors" or os.sep in spec or path.exists():
             if path.is_file():
                 return path
             if path.is_dir() and (path / "model.safetensors").is_file():
@@ -161,10 +168,27 @@ class Workspace:
 # ---------------------------------------------------------------- atomic writes
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(path: Path, is_dir: bool) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (private: 0600/0700) the mode an ordinary
+    open/mkdir would have (0644/0755 under umask 022), so a shared workspace stays readable."""
+    try:
+        os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+    except OSError:
+        pass
+
+
 def _tmp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    normal_mode(Path(tmp), is_dir=False)
     return Path(tmp)
 
 
@@ -218,6 +242,7 @@ def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    normal_mode(tmp, is_dir=True)
     try:
         yield tmp
         if not replace:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -158,7 +159,9 @@ class ClipDataset(Dataset):
                     first = not self._reported[vid]
                     self._reported[vid] = 1
                 if first:
-                    log.warning("cannot load %s (%s); using another video instead", self.entries[vid].path, short_reason(exc))
+                    path = self.entries[vid].path
+                    why = "missing: moved or deleted since `vcc prepare`" if not os.path.exists(path) else short_reason(exc)
+                    log.warning("cannot load %s (%s); using another video instead", path, why)
                 # a deterministic replacement: another video, same clip/crop slot
                 step = (attempt + 1) * 7919 % max(1, len(self.entries)) or 1
                 cur = ((vid + step) % len(self.entries)) * per_video + cur % per_video

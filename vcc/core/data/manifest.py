@@ -83,6 +83,7 @@ class PrepareResult:
         """The `vcc prepare --format json` document."""
         return {
             "name": self.name,
+            "path": str(self.path),
             "classes": list(self.classes),
             "counts": dict(self.counts),
             "skipped": [{"path": s["path"], "reason": s["reason"]} for s in self.skipped],
