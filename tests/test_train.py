@@ -125,6 +125,24 @@ def test_same_name_started_together_one_wins(ws, tiny_synthetic) -> None:
     assert [p.name for p in ws.runs_dir.iterdir() if p.name.startswith(".")] == []  # no staging folders left
 
 
+def test_a_run_being_written_refuses_a_second_writer(ws, tiny_synthetic) -> None:
+    """Two `vcc train --resume RUN` at once: the second finds the first's lock and stops; a lock
+    left by a dead process (SIGKILL) is taken over."""
+    _cli(ws, "train", "--data", str(tiny_synthetic), *FAST, "--epochs", "2", "--max-batches", "1", "--name", "lk", "--stop-after", "1")
+    lock = ws.run_dir("lk") / ".lock"
+    holder = subprocess.Popen(["sleep", "60"])  # a live process standing in for the first writer
+    try:
+        lock.write_text(str(holder.pid))
+        res = runner.invoke(app, ["--workspace", str(ws.root), "train", "--resume", "lk", "--workers", "0"])
+        assert res.exit_code == 1 and f"run 'lk' is being written by another vcc process (pid {holder.pid})" in res.output
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone now: its lock is stale and taken over; the run finishes and the lock goes
+    _cli(ws, "train", "--resume", "lk", "--workers", "0")
+    assert not lock.exists()
+
+
 def test_resume_in_a_moved_workspace_uses_its_own_dataset(ws, tiny_synthetic, tmp_path) -> None:
     """A workspace copied elsewhere (rsync to a cluster) resumes its runs on its own copy of the
     dataset, even while the old copy still exists; --data points a run at a dataset that moved."""

@@ -31,7 +31,7 @@ from vcc.core.artefact import (
 from vcc.core.errors import UsageError, VccError
 from vcc.core.progress import ProgressFn
 from vcc.core.training import FitResult, TrainConfig, check_classes, fit
-from vcc.core.workspace import Workspace, atomic_write_json, normal_mode
+from vcc.core.workspace import Workspace, atomic_write_json, normal_mode, run_lock
 
 RUN_FILE = "run.json"
 
@@ -259,7 +259,7 @@ def _run(ws: Workspace, info: Any, model: nn.Module, meta: ModelMeta, cfg: Train
         "command": command, **_data_ref(ws, info), "teacher": teacher_path,
         "parent": str(parent) if parent else None, "config": cfg.to_json(), "meta": meta.to_json(),
     })
-    with _discard_if_no_epoch(run_dir):
+    with _locked(run_dir), _discard_if_no_epoch(run_dir):
         res = fit(model, meta, info, cfg, run_dir, teacher=teacher, progress=progress)
     return RunResult(run_name, run_dir, res, notes)
 
@@ -268,14 +268,26 @@ def resume(ws: Workspace, run: str, *, overrides: dict[str, Any] | None = None, 
            progress: ProgressFn | None = None) -> RunResult:
     """Continue run `run` from its last checkpoint (`overrides`: epochs, workers, device, stop_after...;
     `data`: where its dataset is now, when it moved; the classes must match)."""
-    from vcc.core.data.manifest import load_dataset
-    from vcc.core.train_state import load_checkpoint
 
     run_dir = ws.run_dir(run)
     run_file = run_dir / RUN_FILE
     if not run_file.is_file():
         known = ", ".join(ws.runs()) or "none"
         raise VccError(f"no resumable run {run!r} in {ws.runs_dir} (runs: {known})")
+    with _locked(run_dir):
+        return _resume_locked(ws, run, run_dir, run_file, overrides, data, progress)
+
+
+def _locked(run_dir: Path) -> Any:
+    """The run's lock, on rank 0 only (the other ranks of a torchrun job write nothing)."""
+    return run_lock(run_dir) if _rank() == 0 else contextlib.nullcontext()
+
+
+def _resume_locked(ws: Workspace, run: str, run_dir: Path, run_file: Path, overrides: dict[str, Any] | None,
+                   data: str | None, progress: ProgressFn | None) -> RunResult:
+    from vcc.core.data.manifest import load_dataset
+    from vcc.core.train_state import load_checkpoint
+
     spec = json.loads(run_file.read_text())
     ckpt = run_dir / "checkpoint.safetensors"
     if not ckpt.is_file():
@@ -336,7 +348,7 @@ def train_exits_run(
         "command": "train-exits", **_data_ref(ws, info), "parent": str(init_path), "exits": exits, "kd": kd,
         "teachers": teacher_paths, "kd_epochs": kd_epochs, "config": cfg.to_json(),
     })
-    with _discard_if_no_epoch(run_dir):
+    with _locked(run_dir), _discard_if_no_epoch(run_dir):
         res = train_exits(init_path, info, cfg, run_dir, exits=exits, kd=kd, teachers=teacher_paths or None,
                           kd_epochs=kd_epochs, kd_temperature=kd_temperature, progress=progress)
     return RunResult(run_name, run_dir, res, [])

@@ -193,6 +193,44 @@ def _tmp_beside(path: Path) -> Path:
 
 
 @contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir/.lock` (this process's pid) for the block: a second `vcc train` or
+    `--resume` on the same run fails at once instead of writing into it too. A lock whose
+    process is gone (a crash, SIGKILL) is taken over."""
+    lock = Path(run_dir) / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and pid != os.getpid() and _alive(pid):
+                raise VccError(f"run {Path(run_dir).name!r} is being written by another vcc process (pid {pid})") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+    else:
+        raise VccError(f"cannot lock run {Path(run_dir).name!r} ({lock})")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
