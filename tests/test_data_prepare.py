@@ -115,7 +115,7 @@ def test_ucf101_cli_json_rerun_and_cache(ucf: dict) -> None:
     args = ("prepare", "ucf101", "--root", str(ucf["base"]), "--splits", str(UCF_SPLITS), "--name", "u1", "--format", "json")
     proc = run_vcc(*args, env=env, check=True, timeout=120)
     doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
-    assert set(doc) == {"name", "classes", "counts", "skipped"}
+    assert set(doc) == {"name", "path", "classes", "counts", "skipped"}
     assert doc["name"] == "u1" and doc["counts"] == ucf["res"].counts
     assert {tuple(sorted(s)) for s in doc["skipped"]} == {("path", "reason")}
     # the probe cache answers for unchanged files: poison one entry and see it used
