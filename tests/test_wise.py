@@ -145,6 +145,13 @@ def test_vcc_wise_cli_json(session_ws, tiny_synthetic: Path, multi_exit_model: P
     assert (run / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "tradeoff.csv").read_text().splitlines()[0].startswith("method,threshold,accuracy,macs,exit_1")
     assert json.loads((run / "wise.json").read_text())["methods"] == doc["methods"]
+    # -f csv: one trade-off table with a method column, a number per cell (a spreadsheet reads it)
+    csv_text = run_vcc("wise", str(multi_exit_model), "--data", str(tiny_synthetic), "--iters", "20", "--thresholds", "0:1.1:4",
+                       "--name", "wise-csv", "--device", "cpu", "--format", "csv", env=env).stdout
+    block = csv_text.split("\n\n")[0].splitlines()
+    assert block[0] == "method,threshold,acc %,MACs per video,% full,exit 1 %,exit 2 %,exit 3 %,exit 4 %"
+    assert [ln.split(",")[0] for ln in block[1:]] == ["wise"] * 4 + ["vanilla"] * 4 + ["constant"] * 4
+    assert all(ln.split(",")[3].isdigit() for ln in block[1:])
     from vcc.core.artefact import load_tensors
 
     tensors, meta = load_tensors(run / "logits.safetensors", expect_format="vcc-logits")

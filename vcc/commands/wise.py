@@ -68,17 +68,19 @@ def _report(doc: dict):
     from vcc.core.report import Report, Table, human_count
 
     full = doc["full"]
-    tables = []
+    n_exits = len(doc["exits"])
+    # one long table (a method column), numbers in their own cells: a CSV a spreadsheet can read
+    t = Table(["method", "threshold", "acc %", "MACs per video", "% full", *[f"exit {k + 1} %" for k in range(n_exits)]],
+              title="accuracy vs MACs per threshold")
     for method, rows in doc["methods"].items():
-        t = Table(["threshold", "acc %", "MACs", "% full", "exit shares %"], title=f"{method}")
         for r in rows:
-            shares = " / ".join(f"{100 * v:.0f}" for v in r["exits"])
             pct = round(100 * r["macs"] / full["macs"], 1) if full["macs"] else None
-            t.add(r["threshold"], round(100 * r["accuracy"], 2), human_count(r["macs"]), pct, shares)
-        tables.append(t)
-    ex = Table(["exit", "stage", "cumulative MACs", "WISE weights"], title="exits")
+            t.add(method, r["threshold"], round(100 * r["accuracy"], 2), int(round(r["macs"])), pct,
+                  *[round(100 * v, 1) for v in r["exits"]])
+    tables = [t]
+    ex = Table(["exit", "stage", "cumulative MACs", "WISE weights (exits 1..k)"], title="exits")
     for row, w in zip(doc["exits"], doc["wise_weights"], strict=False):
-        ex.add(row["exit"], row["stage"], human_count(row["macs"]), " ".join(f"{v:.3g}" for v in w))
+        ex.add(row["exit"], row["stage"], int(row["macs"]), " ".join(f"{v:.3g}" for v in w))
     tables.append(ex)
     n_classes = doc.get("num_classes")
     notes = [
