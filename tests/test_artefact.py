@@ -142,11 +142,13 @@ def test_new_run_dir_refuses_an_existing_run(tmp_path: Path) -> None:
     from vcc.core.errors import UsageError
 
     ws = Workspace(tmp_path)
-    ws.run_dir("exits", create=True)
+    (ws.run_dir("exits", create=True) / "model.safetensors").write_bytes(b"x")
     with pytest.raises(UsageError, match="run 'exits' already exists"):
         ws.new_run_dir("exits", "wise-exits")
     assert ws.new_run_dir(None, "exits") == ("exits-2", ws.run_dir("exits-2"))
     assert not ws.run_dir("exits-2").exists()
+    ws.run_dir("killed", create=True)  # the empty folder a SIGKILLed command left: its name is free
+    assert ws.new_run_dir("killed", "x") == ("killed", ws.run_dir("killed"))
 
 
 @pytest.mark.parametrize("bad", ["-rf", ".hidden", "a/b", "", "x y"])

@@ -150,7 +150,7 @@ class Workspace:
             name = self.unique_run_name(default_base)
         path = self.run_dir(name)
         self.check_writable(self.runs_dir)  # before the work, with a message that names the workspace
-        if path.exists():
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())):  # an empty folder (a killed run) is free
             raise UsageError(f"run {name!r} already exists in {self.runs_dir}; choose another --name")
         return name, path
 
