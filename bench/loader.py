@@ -1,4 +1,4 @@
-"""Loader throughput: vcc's decord clip loader vs PyAV decodes of the same clips.
+"""Loader throughput: vcc's clip loader vs PyAV and decord decodes of the same clips.
 
 Training clips of 16 frames (stride 2) at 112x112 from 320x240 MPEG-4 AVIs (the shared real clip
 test.avi, linked under many names so every item opens its own file). Rates in clips/s, measured
@@ -7,8 +7,12 @@ after the first batch (worker start-up excluded). Prints one JSON document.
     python bench/loader.py [--videos 48] [--batch 8] [--source FILE]
 
 Every variant runs the same Dataset, indices, crop, flip and DataLoader; only the reader differs.
-* vcc_wN: make_loader(..., workers=N): decord full-size decode of the clip's frames, then a
-  uint8 antialiased resize of the kept frames to 171x128.
+* vcc_wN: make_loader(..., workers=N): the fast reader (vcc.core.data.fastread: PyAV decoding
+  from the keyframe before the clip, only the kept frames converted to RGB, through one reused
+  swscale context; decord's frames, checked at prepare), then a uint8 antialiased resize of the
+  kept frames to 171x128.
+* vcc_decord_wN: the same loader with VCC_READER=decord: decord full-size decode of the clip's
+  frames (vcc's reader before the fast one), the same resize.
 * pyav_plain_wN (the issue's baseline): what torchvision's read_video did: seek to the keyframe
   before the clip, decode forward, convert every frame of the clip's span to full-size RGB,
   keep the strided ones; resized like vcc's.
@@ -102,7 +106,9 @@ def _pyav_dataset(ds, plain: bool):
             w, h = transforms.resized_shape(e.width, e.height, self.short)
             return PyAVReader(e.path, w, h, e.n_frames, plain=plain)
 
-    return PyAVClipDataset(ds.entries, train=True, frames=ds.frames, size=ds.size, stride=ds.stride, seed=ds.seed)
+    out = PyAVClipDataset(ds.entries, train=True, frames=ds.frames, size=ds.size, stride=ds.stride, seed=ds.seed)
+    out.use_fast = False  # every read through _reader (the baseline's), never vcc's fast reader
+    return out
 
 
 def _rate(loader) -> float:
@@ -165,6 +171,9 @@ def main() -> None:
                 ld = make_loader(info, "train", workers=w, **kw)
                 k = f"vcc_w{w}_clips_per_s"
                 out[k] = max(out.get(k, 0.0), _rate(ld))
+                ld.dataset.use_fast = False  # the same loader on decord alone
+                k = f"vcc_decord_w{w}_clips_per_s"
+                out[k] = max(out.get(k, 0.0), _rate(ld))
                 for kind in ("plain", "tuned"):
                     pds = _pyav_dataset(ld.dataset, plain=kind == "plain")
                     pl = DataLoader(pds, batch_size=args.batch, sampler=ld.sampler, num_workers=w, worker_init_fn=ld.worker_init_fn)
@@ -201,6 +210,8 @@ def main() -> None:
     for kind in ("plain", "tuned"):
         for w in (1, 2):
             out[f"ratio_vcc_vs_pyav_{kind}_w{w}"] = round(out[f"vcc_w{w}_clips_per_s"] / out[f"pyav_{kind}_w{w}_clips_per_s"], 2)
+    for w in (1, 2):
+        out[f"ratio_vcc_vs_vcc_decord_w{w}"] = round(out[f"vcc_w{w}_clips_per_s"] / out[f"vcc_decord_w{w}_clips_per_s"], 2)
     out["ratio_vcc_w1_vs_decord_raw"] = round(out["vcc_w1_clips_per_s"] / out["decord_raw_clips_per_s"], 2)
     out["ratio_test_3crops_vs_1crop"] = round(out["vcc_test_3clips_3crops_w1_clips_per_s"] / out["vcc_test_3clips_1crops_w1_clips_per_s"], 2)
     out["goal_2x_pyav"] = min(out["ratio_vcc_vs_pyav_plain_w1"], out["ratio_vcc_vs_pyav_plain_w2"]) >= 2.0

@@ -1,6 +1,7 @@
 """Prepared datasets on disk: ``dataset.json`` (classes, counts, source) + ``manifest.jsonl``.
 
-``manifest.jsonl`` holds one video per line: path, label, split, n_frames, fps, width, height.
+``manifest.jsonl`` holds one video per line: path, label, split, n_frames, fps, width, height, and
+``keys`` (keyframes ``[[index, pts], ...]``) where the fast reader reads the video exactly.
 Paths inside the dataset folder (generated videos) are stored relative to it, so the folder can
 move; other paths are absolute. :func:`load_dataset` returns absolute paths.
 """
@@ -39,6 +40,7 @@ class VideoEntry:
     fps: float
     width: int
     height: int
+    keys: list[list[int]] | None = None  # keyframes for vcc.core.data.fastread (None: decord reads it)
 
 
 @dataclass
@@ -90,6 +92,16 @@ class PrepareResult:
         }
 
 
+def _keys(value: Any) -> list[list[int]] | None:
+    """A manifest line's keyframes, or None when absent or not a list of [index, pts] pairs."""
+    if not isinstance(value, list) or not value:
+        return None
+    try:
+        return [[int(i), int(p)] for i, p in value]
+    except (TypeError, ValueError):
+        return None
+
+
 def load_dataset(path: str | Path) -> DatasetInfo:
     """Read a prepared dataset folder (the one holding dataset.json and manifest.jsonl)."""
     root = Path(path)
@@ -120,6 +132,7 @@ def load_dataset(path: str | Path) -> DatasetInfo:
                     fps=float(d.get("fps") or 0.0),
                     width=int(d.get("width") or 0),
                     height=int(d.get("height") or 0),
+                    keys=_keys(d.get("keys")),
                 )
             )
         except (ValueError, KeyError, TypeError) as exc:
@@ -154,6 +167,8 @@ def write_dataset(
     lines = []
     for e in entries:
         d = asdict(e)
+        if d["keys"] is None:
+            del d["keys"]
         p = Path(e.path)
         if p.is_absolute() and p.is_relative_to(folder):
             d["path"] = p.relative_to(folder).as_posix()

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -23,7 +24,12 @@ from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_write_text
 
 CACHE_NAME = ".probe-cache.json"
-CACHE_VERSION = 2  # 2: reasons without decord's C++ log prefixes
+CACHE_VERSION = 3  # 2: reasons without decord's C++ log prefixes; 3: keyframes for the fast reader
+
+
+# decord 0.6 returns wrong frames now and then when readers decode in several threads of one
+# process at once (3 of 576 frames of test.avi over 4 threads): its reads are serialised
+_DECORD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -35,6 +41,7 @@ class Probe:
     width: int = 0
     height: int = 0
     reason: str = ""
+    keys: list[list[int]] | None = None  # keyframes [[index, pts], ...] when FastReader reads it exactly
 
     @property
     def ok(self) -> bool:
@@ -117,7 +124,8 @@ def short_reason(exc: BaseException) -> str:
 
 
 def probe_video(path: str | Path) -> Probe:
-    """Open `path` with decord (one thread) and read its first and last frames."""
+    """Open `path` with decord (one thread), read its first and last frames, and check whether
+    :class:`vcc.core.data.fastread.FastReader` reads it exactly (`keys`)."""
     p = Path(path)
     try:
         st = p.stat()
@@ -133,17 +141,23 @@ def probe_video(path: str | Path) -> Probe:
         import decord
 
         quiet_ffmpeg()
-        vr = decord.VideoReader(str(p), num_threads=1)
-        n = len(vr)
-        if n <= 0:
-            return Probe(reason="undecodable: no video frames")
-        first = vr[0].shape
-        if len(first) != 3 or first[2] != 3:  # decord 0.6 pads some narrow RGB rows into extra "channels"
-            return Probe(reason=f"undecodable: decord misreads frames {first[1]} px wide (a decord bug for some widths under 64 px)")
-        if n > 1:
-            vr[n - 1]
-        fps = float(vr.get_avg_fps() or 0.0)
-        return Probe(n_frames=n, fps=round(fps, 3), width=int(first[1]), height=int(first[0]))
+        with _DECORD_LOCK:
+            vr = decord.VideoReader(str(p), num_threads=1)
+            n = len(vr)
+            if n <= 0:
+                return Probe(reason="undecodable: no video frames")
+            first = vr[0].asnumpy()  # (get_batch raises for the widths this check names)
+            if first.ndim != 3 or first.shape[2] != 3:  # decord 0.6 pads some narrow RGB rows into extra "channels"
+                return Probe(reason=f"undecodable: decord misreads frames {first.shape[1]} px wide (a decord bug for some widths under 64 px)")
+            fps = float(vr.get_avg_fps() or 0.0)
+            del vr
+            # a fresh reader, and the last frames together: decord 0.6 returns frame n-2 for a lone
+            # [n-1] of a video with B-frames, and stale frames for a jump after an earlier read
+            last = decord.VideoReader(str(p), num_threads=1).get_batch(list(range(max(0, n - 3), n))).asnumpy()[-1]
+        from vcc.core.data import fastread
+
+        keys = fastread.scan(str(p), n, first, last)
+        return Probe(n_frames=n, fps=round(fps, 3), width=int(first.shape[1]), height=int(first.shape[0]), keys=keys)
     except Exception as exc:  # noqa: BLE001 - decord raises its own types for every kind of bad file
         return Probe(reason=f"undecodable: {short_reason(exc)}")
 

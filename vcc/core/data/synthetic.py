@@ -23,7 +23,8 @@ import numpy as np
 
 from vcc.core.data.manifest import PrepareResult, VideoEntry, load_dataset, write_dataset
 from vcc.core.data.prepare import check_holdout, hold_out, replaced_note
-from vcc.core.errors import UsageError
+from vcc.core.data.probe import probe_many
+from vcc.core.errors import UsageError, VccError
 from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_dir
 
@@ -104,6 +105,11 @@ def prepare_synthetic(
                 done += 1
                 if progress:
                     progress("generate", done, total, {"class": motion})
+        # the fast reader's keyframes (and decord's own frame count), as any prepare probes them
+        for e, pr in zip(entries, probe_many([Path(e.path) for e in entries], progress=progress), strict=True):
+            if not pr.ok:
+                raise VccError(f"a generated video does not read back ({e.path}: {pr.reason})")
+            e.n_frames, e.keys = pr.n_frames, pr.keys
         if holdout > 0:
             hold_out(entries, class_names, holdout)
         counts = write_dataset(tmp, name, class_names, entries, source="synthetic", options=options)
