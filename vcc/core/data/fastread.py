@@ -4,8 +4,11 @@ decord decodes from the keyframe before a clip and converts *every* decoded fram
 ones it then skips included. On UCF101-style files (MPEG-4 with B-frames and a single keyframe)
 that conversion costs more than the decoding itself. :class:`FastReader` decodes the same
 frames with PyAV (the same FFmpeg decoders), converts only the kept ones through one reused
-swscale context, and so returns decord's exact pixels for decord's frame numbers, in about
-half the time (``bench/loader.py``).
+swscale context, and so returns decord's pixels for decord's frame numbers; the loader runs
+1.4-1.6x as fast with it (``bench/loader.py``). Its frames are the true ones (those of a decode
+of the whole file in order) even where decord's own reads are not: decord 0.6 gets a lone last
+frame of a B-frame video, some clips after a seek near the end, and reads from several threads
+wrong (``tests/test_fastread.py`` pins two of these).
 
 Exactness is checked per video, once, when it is probed (:func:`scan`): one linear PyAV decode
 numbers the frames in output order (decord's numbering) and records each keyframe's index and

@@ -10,7 +10,8 @@ Batches are ``(clips uint8 (N, 3, T, H, W), labels int64 (N,), video_idx int64 (
   in order; the crops of a clip are cut from one decode of its frames.
 * Readers open lazily inside each worker process (one decode thread each). A video whose probe
   recorded keyframes (``VideoEntry.keys``) is read by :class:`vcc.core.data.fastread.FastReader`:
-  decord's exact frames, about twice as fast, since only the kept frames are converted to RGB;
+  decord's frames (the true ones, where decord itself slips), 1.4-1.6x as fast, since only the
+  kept frames are converted to RGB;
   every other video, and any read the fast reader cannot line up, goes to decord (kept open only
   while testing, as an open decord reader's thread keeps working ahead). ``VCC_READER=decord``
   sends every read to decord. Only the frames a clip uses are resized (uint8, antialiased);
