@@ -20,22 +20,12 @@ from vcc.core.data.loader import make_loader
 from vcc.core.data.manifest import load_dataset
 from vcc.core.data.prepare import prepare_folder
 from vcc.core.data.probe import probe_video
-from vcc.core.data.synthetic import render_video
+from vcc.core.data.synthetic import encode_video, render_video
 
 
 def _encode(path: Path, codec: str, options: dict[str, str], frames: int = 40, size: int = 64, pix_fmt: str = "yuv420p") -> Path:
     """A moving test video with the encoder's GOP and B-frame options."""
-    video = render_video("sideways", frames, size, np.random.default_rng(3))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=25, options=options)
-        s.width = s.height = size
-        s.pix_fmt = pix_fmt
-        for f in video:
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    encode_video(path, render_video("sideways", frames, size, np.random.default_rng(3)), codec=codec, options=options, pix_fmt=pix_fmt)
     return path
 
 

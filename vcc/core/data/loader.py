@@ -77,7 +77,7 @@ class ClipDataset(Dataset):
         self.short = transforms.scale_for(size)
         self._failures = multiprocessing.Value("i", 0)
         self._readers: OrderedDict[int, Any] | None = None  # per process, opened lazily
-        self._fast: OrderedDict[int, FastReader] = OrderedDict()  # per process: the last video's fast reader
+        self._fast: tuple[int, FastReader] | None = None  # per process: the last video's fast reader
         self._not_fast: set[int] = set()  # per process: videos the fast reader could not line up
         self.use_fast = os.environ.get("VCC_READER", "").lower() != "decord"
         self._last_clip: tuple[tuple[int, int], np.ndarray] | None = None  # test: the crops of one clip share its frames
@@ -94,7 +94,7 @@ class ClipDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_readers"] = None  # never ship open readers to a worker
-        state["_fast"] = OrderedDict()
+        state["_fast"] = None
         state["_last_clip"] = None
         return state
 
@@ -109,10 +109,7 @@ class ClipDataset(Dataset):
             return self._readers[vid]
         e = self.entries[vid]
         kw: dict[str, int] = {}
-        if e.width > 0 and e.height > 0 and min(e.width, e.height) > DECODE_SCALE_ABOVE * self.short:
-            # decord scales every decoded frame, skipped ones included: for UCF101-sized videos
-            # that costs up to 2x the decode (bench/loader.py), so only huge videos are scaled
-            # by the decoder (bounding memory); the rest are resized after, kept frames only
+        if self._decoder_scales(e):
             kw["width"], kw["height"] = transforms.resized_shape(e.width, e.height, self.short)
         reader = decord.VideoReader(e.path, num_threads=1, **kw)
         # an open decord reader keeps a decoder thread working ahead: keep only what test reuses
@@ -122,19 +119,28 @@ class ClipDataset(Dataset):
             self._readers.popitem(last=False)
         return reader
 
+    def _decoder_scales(self, e: VideoEntry) -> bool:
+        """Whether decord scales `e` while decoding. It scales every decoded frame, skipped ones
+        included: for UCF101-sized videos that costs up to 2x the decode (bench/loader.py), so
+        only huge videos are scaled by the decoder (bounding memory); the rest are resized after,
+        kept frames only."""
+        return e.width > 0 and e.height > 0 and min(e.width, e.height) > DECODE_SCALE_ABOVE * self.short
+
     def _fast_reader(self, vid: int) -> FastReader | None:
         """The fast reader for video `vid`, or None when decord must read it."""
         e = self.entries[vid]
-        if not (self.use_fast and e.keys) or vid in self._not_fast:
+        if not (self.use_fast and e.keys) or vid in self._not_fast or self._decoder_scales(e):
             return None
-        if min(e.width, e.height) > DECODE_SCALE_ABOVE * self.short:  # decord scales these while decoding
-            return None
-        reader = self._fast.get(vid)
-        if reader is None:
-            while self._fast:
-                self._fast.popitem()[1].close()
-            reader = self._fast[vid] = FastReader(e.path, e.keys)
-        return reader
+        if self._fast is None or self._fast[0] != vid:
+            self._drop_fast()
+            self._fast = (vid, FastReader(e.path, e.keys))
+        return self._fast[1]
+
+    def _drop_fast(self, vid: int | None = None) -> None:
+        """Close the open fast reader (only if it is video `vid`'s, when given)."""
+        if self._fast is not None and vid in (None, self._fast[0]):
+            self._fast[1].close()
+            self._fast = None
 
     def _frames(self, vid: int, fast: FastReader | None, indices: list[int]) -> np.ndarray:
         """uint8 (T, H, W, 3) frames `indices` (sorted, distinct) of video `vid`."""
@@ -144,8 +150,7 @@ class ClipDataset(Dataset):
                 return frames
             if fast is not None:  # it did not line up: decord reads this video from now on
                 self._not_fast.add(vid)
-                self._fast.pop(vid, None)
-                fast.close()
+                self._drop_fast(vid)
             return self._reader(vid).get_batch(indices).asnumpy()
 
     def _load(self, index: int, attempt: int) -> tuple[torch.Tensor, int, int]:
@@ -195,9 +200,7 @@ class ClipDataset(Dataset):
                 vid = cur // per_video
                 if self._readers is not None:
                     self._readers.pop(vid, None)
-                stale = self._fast.pop(vid, None)
-                if stale is not None:
-                    stale.close()
+                self._drop_fast(vid)
                 with self._failures.get_lock():
                     self._failures.value += 1
                     first = not self._reported[vid]

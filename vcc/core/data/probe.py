@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vcc.core.data import fastread
 from vcc.core.errors import first_line
 from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_write_text
@@ -154,8 +155,6 @@ def probe_video(path: str | Path) -> Probe:
             # a fresh reader, and the last frames together: decord 0.6 returns frame n-2 for a lone
             # [n-1] of a video with B-frames, and stale frames for a jump after an earlier read
             last = decord.VideoReader(str(p), num_threads=1).get_batch(list(range(max(0, n - 3), n))).asnumpy()[-1]
-        from vcc.core.data import fastread
-
         keys = fastread.scan(str(p), n, first, last)
         return Probe(n_frames=n, fps=round(fps, 3), width=int(first.shape[1]), height=int(first.shape[0]), keys=keys)
     except Exception as exc:  # noqa: BLE001 - decord raises its own types for every kind of bad file

@@ -254,16 +254,24 @@ def render_video(motion: str, frames: int, size: int, rng: np.random.Generator, 
     return out
 
 
-def encode_video(path: Path, video: np.ndarray, fps: int = FPS, codec: str = "mpeg4") -> None:
-    """Encode uint8 (T, H, W, 3) frames with PyAV (MPEG-4 part 2 in AVI by default)."""
+def encode_video(
+    path: Path,
+    video: np.ndarray,
+    fps: int = FPS,
+    codec: str = "mpeg4",
+    options: dict[str, str] | None = None,
+    pix_fmt: str = "yuv420p",
+) -> None:
+    """Encode uint8 (T, H, W, 3) frames with PyAV (MPEG-4 part 2 in AVI by default); `options`
+    go to the encoder (GOP ``g``, B-frames ``bf``, ...)."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = video.shape[1:3]
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.width, stream.height = w, h
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         stream.bit_rate = max(400_000, int(w * h * fps * 2))
         for frame in video:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
