@@ -55,6 +55,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.parametrize("mode", ["counted", "timestamps", "timestamps + skipping"])
 @pytest.mark.parametrize(
     "kind",
     [
@@ -66,9 +67,10 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "h264 mkv, GOP 8 + B-pyramid",
     ],
 )
-def test_fast_reader_returns_decords_frames(videos: dict[str, Path], kind: str) -> None:
+def test_fast_reader_returns_decords_frames(videos: dict[str, Path], kind: str, mode: str) -> None:
     """Any clip, at any position, read after any earlier clip: the true frames, by decord's numbering
-    and in decord's pixels."""
+    and in decord's pixels; with frames counted (manifests before timestamps), identified by their
+    timestamps, and with non-reference frames skipped on the way to a clip."""
     path = str(videos[kind])
     pr = probe_video(path)
     assert pr.ok and pr.keys, pr
@@ -76,7 +78,11 @@ def test_fast_reader_returns_decords_frames(videos: dict[str, Path], kind: str) 
     truth = _linear(path)
     assert np.array_equal(decord.VideoReader(path, num_threads=1).get_batch(list(range(n))).asnumpy(), truth)  # decord's numbering
     assert pr.keys[0][0] == 0 and all(a[0] < b[0] for a, b in zip(pr.keys, pr.keys[1:], strict=False))
-    reader = fastread.FastReader(path, pr.keys)
+    assert pr.pts is not None and len(fastread.unpack_pts(pr.pts)) == n
+    if "B-frames" in kind or "B-pyramid" in kind:
+        assert pr.skip_gap >= 2  # skipping pays where a third or more of the frames are B-frames
+    pts, gap = {"counted": (None, 0), "timestamps": (pr.pts, 0), "timestamps + skipping": (pr.pts, pr.skip_gap)}[mode]
+    reader = fastread.FastReader(path, pr.keys, pts, gap)
     rng = random.Random(kind)
     cases = [[0, 1], [n - 2, n - 1], [n - 1], list(range(0, n, max(1, n // 7)))]
     cases += [[k[0], k[0] + 1] for k in pr.keys[1:] if k[0] + 1 < n]  # start exactly at a keyframe
@@ -92,6 +98,7 @@ def test_fast_reader_returns_decords_frames(videos: dict[str, Path], kind: str) 
         assert np.array_equal(got, truth[idx]), idx
         if i % 3 == 2:
             reader.close()  # and from a fresh open
+    assert not reader.skip_failed  # skipping never cut a clip short
 
 
 def test_forward_reads_continue_without_reopening(videos: dict[str, Path]) -> None:
@@ -110,7 +117,7 @@ def test_scan_refuses_what_it_cannot_match(videos: dict[str, Path], tmp_path: Pa
     path = str(videos["mpeg4 avi, GOP 12 (synthetic)"])
     pr = probe_video(path)
     first, last = _linear(path)[0], _linear(path)[-1]
-    assert fastread.scan(path, pr.n_frames, first, last) == pr.keys
+    assert fastread.scan(path, pr.n_frames, first, last) == (pr.keys, pr.pts, pr.skip_gap)
     assert fastread.scan(path, pr.n_frames + 1, first, last) is None  # decord counts another frame
     assert fastread.scan(path, pr.n_frames, np.zeros_like(first), last) is None  # other pixels
     assert fastread.scan(path, pr.n_frames, first, first) is None
@@ -129,6 +136,43 @@ def test_keys_that_do_not_line_up_fall_back_to_decord(videos: dict[str, Path]) -
     assert reader.read([pr.keys[1][0] + 3, pr.keys[1][0] + 5]) is None
     assert reader.read([3, 5]) is not None  # the first segment still lines up
     assert fastread.FastReader(path, [[5, 0]]).read([1, 2]) is None  # before the first keyframe
+
+
+def test_skipping_that_misses_a_frame_reads_again_without(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clip that skipping cut short (here: a margin too small to stop skipping before the
+    clip's B-frame) is read again with every frame decoded, and the reader stops skipping."""
+    path = str(videos["ucf-style avi (mpeg4, B-frames, one keyframe)"])
+    pr = probe_video(path)
+    truth = _linear(path)
+    b = 100 if 100 % 3 else 101  # frames 1, 2, 4, 5, ... of test.avi are B-frames
+    assert pr.skip_gap == 3
+    reader = fastread.FastReader(path, pr.keys, pr.pts, pr.skip_gap)
+    monkeypatch.setattr(fastread, "skip_margin", lambda gap: -2)  # skipping would stop two frames *after* the clip starts
+    assert np.array_equal(reader.read([b, b + 1]), truth[[b, b + 1]])
+    assert reader.skip_failed and reader.skip_gap == 0
+    assert np.array_equal(reader.read([b + 20]), truth[[b + 20]])
+
+
+def test_timestamps_that_do_not_match_fall_back_to_decord(videos: dict[str, Path]) -> None:
+    """Frames are identified by their timestamps: a table the file does not match reads nothing."""
+    path = str(videos["h264 mp4, two keyframes"])
+    pr = probe_video(path)
+    pts = fastread.unpack_pts(pr.pts)
+    shifted = fastread.pack_pts(np.concatenate([pts[:10], pts[10:] + 1]))
+    assert fastread.FastReader(path, pr.keys, shifted).read([4, 6]) is not None  # before the change
+    assert fastread.FastReader(path, pr.keys, shifted).read([20, 22]) is None
+
+
+def test_packed_timestamps_round_trip() -> None:
+    pts = [1, 2, 4, 3, 5, 7, 6] * 30 + [-5, 2**40]
+    packed = fastread.pack_pts(pts)
+    assert fastread.unpack_pts(packed).tolist() == pts
+    assert len(fastread.pack_pts([3 * i for i in range(1000)])) < 60  # a regular GOP packs small
+    for bad in ("not base64!", "aGVsbG8=", ""):
+        if bad:
+            with pytest.raises(ValueError):
+                fastread.unpack_pts(bad)
+    assert fastread.unpack_pts(fastread.pack_pts([])).tolist() == []
 
 
 def _dataset(tmp_path: Path, ws, videos: dict[str, Path]):
@@ -171,6 +215,8 @@ def test_loader_batches_are_the_true_frames(tmp_path: Path, ws, videos: dict[str
     fast = [batches("train", True), batches("test", False, clips=3, crops=3)]
     for _, ds in fast:
         assert not ds._not_fast and not ds._readers  # no decord reader was opened
+        assert not ds._no_skip  # and skipping never cut a clip short
+    assert sum(e.skip_gap > 0 for e in info.entries) >= 3  # the B-frame videos were read skipping
     monkeypatch.setattr(loader_mod.ClipDataset, "_reader", lambda self, vid: Truth(self.entries[vid].path))
     monkeypatch.setenv("VCC_READER", "decord")
     truth = [batches("train", True), batches("test", False, clips=3, crops=3)]
@@ -185,15 +231,21 @@ def test_manifest_keeps_keys_and_reads_old_lines(tmp_path: Path, ws, videos: dic
     man = info.root / "manifest.jsonl"
     lines = [json.loads(line) for line in man.read_text().splitlines()]
     assert all(isinstance(d["keys"], list) and d["keys"][0][0] == 0 for d in lines)
+    assert all(isinstance(d["pts"], str) and d["skip_gap"] >= 0 for d in lines)
+    assert {e.path: e.pts for e in info.entries} == {str(info.root / d["path"]) if not Path(d["path"]).is_absolute() else d["path"]: d["pts"] for d in lines}
     for d in lines[:2]:
-        del d["keys"]  # a manifest written before the fast reader
+        del d["keys"], d["pts"], d["skip_gap"]  # a manifest written before the fast reader
     lines[2]["keys"] = "garbage"
+    for d in lines[3:5]:
+        del d["pts"], d["skip_gap"]  # written before timestamps: frames are counted
+    lines[5]["skip_gap"] = -4
     man.write_text("".join(json.dumps(d) + "\n" for d in lines))
     again = load_dataset(info.root)
     assert [e.keys is None for e in again.entries[:3]] == [True, True, True]
     assert all(e.keys for e in again.entries[3:])
+    assert [e.pts is None for e in again.entries[3:6]] == [True, True, False] and again.entries[5].skip_gap == 0
     ld = make_loader(again, "train", train=True, frames=8, size=32, batch_size=8)
-    assert sum(len(x) for x in _all(ld)) == len(again.split("train"))  # decord reads those
+    assert sum(len(x) for x in _all(ld)) == len(again.split("train"))  # decord reads the first three
 
 
 @pytest.mark.skipif(decord.__version__ != "0.6.0", reason="pins decord 0.6.0's behaviour")

@@ -10,8 +10,8 @@ Batches are ``(clips uint8 (N, 3, T, H, W), labels int64 (N,), video_idx int64 (
   in order; the crops of a clip are cut from one decode of its frames.
 * Readers open lazily inside each worker process (one decode thread each). A video whose probe
   recorded keyframes (``VideoEntry.keys``) is read by :class:`vcc.core.data.fastread.FastReader`:
-  decord's frames (the true ones, where decord itself slips), 1.4-1.6x as fast, since only the
-  kept frames are converted to RGB;
+  decord's frames (the true ones, where decord itself slips), about 2x as fast, since only the
+  kept frames are converted to RGB and B-frames before a clip are skipped;
   every other video, and any read the fast reader cannot line up, goes to decord (kept open only
   while testing, as an open decord reader's thread keeps working ahead). ``VCC_READER=decord``
   sends every read to decord. Only the frames a clip uses are resized (uint8, antialiased);
@@ -79,6 +79,7 @@ class ClipDataset(Dataset):
         self._readers: OrderedDict[int, Any] | None = None  # per process, opened lazily
         self._fast: tuple[int, FastReader] | None = None  # per process: the last video's fast reader
         self._not_fast: set[int] = set()  # per process: videos the fast reader could not line up
+        self._no_skip: set[int] = set()  # per process: videos whose reads skipping non-reference frames cut short
         self.use_fast = os.environ.get("VCC_READER", "").lower() != "decord"
         self._last_clip: tuple[tuple[int, int], np.ndarray] | None = None  # test: the crops of one clip share its frames
         self._reported = multiprocessing.Array("b", max(1, len(entries)), lock=False)  # failure logged (any process)
@@ -133,7 +134,7 @@ class ClipDataset(Dataset):
             return None
         if self._fast is None or self._fast[0] != vid:
             self._drop_fast()
-            self._fast = (vid, FastReader(e.path, e.keys))
+            self._fast = (vid, FastReader(e.path, e.keys, e.pts, 0 if vid in self._no_skip else e.skip_gap))
         return self._fast[1]
 
     def _drop_fast(self, vid: int | None = None) -> None:
@@ -146,6 +147,8 @@ class ClipDataset(Dataset):
         """uint8 (T, H, W, 3) frames `indices` (sorted, distinct) of video `vid`."""
         with native_stderr_muted():  # decord's C++ `ERROR opening` and FFmpeg's lines
             frames = fast.read(indices) if fast is not None else None
+            if fast is not None and fast.skip_failed:
+                self._no_skip.add(vid)
             if frames is not None:
                 return frames
             if fast is not None:  # it did not line up: decord reads this video from now on

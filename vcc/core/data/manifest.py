@@ -1,7 +1,8 @@
 """Prepared datasets on disk: ``dataset.json`` (classes, counts, source) + ``manifest.jsonl``.
 
 ``manifest.jsonl`` holds one video per line: path, label, split, n_frames, fps, width, height, and
-``keys`` (keyframes ``[[index, pts], ...]``) where the fast reader reads the video exactly.
+``keys`` (keyframes ``[[index, pts], ...]``), ``pts`` (every frame's timestamp, packed) and
+``skip_gap`` where the fast reader reads the video exactly (:mod:`vcc.core.data.fastread`).
 Paths inside the dataset folder (generated videos) are stored relative to it, so the folder can
 move; other paths are absolute. :func:`load_dataset` returns absolute paths.
 """
@@ -41,6 +42,8 @@ class VideoEntry:
     width: int
     height: int
     keys: list[list[int]] | None = None  # keyframes for vcc.core.data.fastread (None: decord reads it)
+    pts: str | None = None  # timestamps for the fast reader (fastread.pack_pts; None: it counts frames)
+    skip_gap: int = 0  # fastread.Scan.skip_gap (0: the fast reader decodes every frame)
 
 
 @dataclass
@@ -133,6 +136,8 @@ def load_dataset(path: str | Path) -> DatasetInfo:
                     width=int(d.get("width") or 0),
                     height=int(d.get("height") or 0),
                     keys=_keys(d.get("keys")),
+                    pts=d["pts"] if isinstance(d.get("pts"), str) else None,
+                    skip_gap=max(0, int(d.get("skip_gap") or 0)),
                 )
             )
         except (ValueError, KeyError, TypeError) as exc:
@@ -168,7 +173,9 @@ def write_dataset(
     for e in entries:
         d = asdict(e)
         if d["keys"] is None:
-            del d["keys"]
+            del d["keys"], d["pts"], d["skip_gap"]
+        elif d["pts"] is None:
+            del d["pts"]
         p = Path(e.path)
         if p.is_absolute() and p.is_relative_to(folder):
             d["path"] = p.relative_to(folder).as_posix()

@@ -19,13 +19,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vcc.core.data import fastread
 from vcc.core.errors import first_line
 from vcc.core.progress import ProgressFn
 from vcc.core.workspace import Workspace, atomic_write_text
 
 CACHE_NAME = ".probe-cache.json"
-CACHE_VERSION = 3  # 2: reasons without decord's C++ log prefixes; 3: keyframes for the fast reader
+CACHE_VERSION = 4  # 2: reasons without decord's C++ log prefixes; 3: keyframes for the fast reader; 4: timestamps, skip gap
 
 
 # decord 0.6 returns wrong frames now and then when readers decode in several threads of one
@@ -43,6 +45,8 @@ class Probe:
     height: int = 0
     reason: str = ""
     keys: list[list[int]] | None = None  # keyframes [[index, pts], ...] when FastReader reads it exactly
+    pts: str | None = None  # every frame's timestamp, packed (fastread.pack_pts)
+    skip_gap: int = 0  # fastread.Scan.skip_gap
 
     @property
     def ok(self) -> bool:
@@ -126,7 +130,7 @@ def short_reason(exc: BaseException) -> str:
 
 def probe_video(path: str | Path) -> Probe:
     """Open `path` with decord (one thread), read its first and last frames, and check whether
-    :class:`vcc.core.data.fastread.FastReader` reads it exactly (`keys`)."""
+    :class:`vcc.core.data.fastread.FastReader` reads it exactly (`keys`, `pts`, `skip_gap`)."""
     p = Path(path)
     try:
         st = p.stat()
@@ -152,13 +156,30 @@ def probe_video(path: str | Path) -> Probe:
                 return Probe(reason=f"undecodable: decord misreads frames {first.shape[1]} px wide (a decord bug for some widths under 64 px)")
             fps = float(vr.get_avg_fps() or 0.0)
             del vr
-            # a fresh reader, and the last frames together: decord 0.6 returns frame n-2 for a lone
-            # [n-1] of a video with B-frames, and stale frames for a jump after an earlier read
-            last = decord.VideoReader(str(p), num_threads=1).get_batch(list(range(max(0, n - 3), n))).asnumpy()[-1]
-        keys = fastread.scan(str(p), n, first, last)
-        return Probe(n_frames=n, fps=round(fps, 3), width=int(first.shape[1]), height=int(first.shape[0]), keys=keys)
+            last = _decord_last(p, n)
+        sc = fastread.scan(str(p), n, first, last)
+        for _ in range(2):  # decord 0.6 now and then returns a wrong frame: a mismatch it caused is read again
+            if sc is not None or n > fastread.SCAN_MAX_FRAMES:
+                break
+            with _DECORD_LOCK:
+                again = decord.VideoReader(str(p), num_threads=1)[0].asnumpy(), _decord_last(p, n)
+            if np.array_equal(again[0], first) and np.array_equal(again[1], last):
+                break  # decord reads the same: the fast reader does not match it
+            first, last = again
+            sc = fastread.scan(str(p), n, first, last)
+        fast = {"keys": sc.keys, "pts": sc.pts, "skip_gap": sc.skip_gap} if sc is not None else {}
+        return Probe(n_frames=n, fps=round(fps, 3), width=int(first.shape[1]), height=int(first.shape[0]), **fast)
     except Exception as exc:  # noqa: BLE001 - decord raises its own types for every kind of bad file
         return Probe(reason=f"undecodable: {short_reason(exc)}")
+
+
+def _decord_last(p: Path, n: int) -> np.ndarray:
+    """decord's last frame, from a fresh reader and read with the two before it: decord 0.6
+    returns frame n-2 for a lone [n-1] of a video with B-frames, and stale frames for a jump
+    after an earlier read."""
+    import decord
+
+    return decord.VideoReader(str(p), num_threads=1).get_batch(list(range(max(0, n - 3), n))).asnumpy()[-1]
 
 
 def _key(p: Path) -> str | None:

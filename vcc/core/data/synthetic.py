@@ -109,7 +109,7 @@ def prepare_synthetic(
         for e, pr in zip(entries, probe_many([Path(e.path) for e in entries], progress=progress), strict=True):
             if not pr.ok:
                 raise VccError(f"a generated video does not read back ({e.path}: {pr.reason})")
-            e.n_frames, e.keys = pr.n_frames, pr.keys
+            e.n_frames, e.keys, e.pts, e.skip_gap = pr.n_frames, pr.keys, pr.pts, pr.skip_gap
         if holdout > 0:
             hold_out(entries, class_names, holdout)
         counts = write_dataset(tmp, name, class_names, entries, source="synthetic", options=options)
