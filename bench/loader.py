@@ -4,12 +4,16 @@ Training clips of 16 frames (stride 2) at 112x112 from 320x240 MPEG-4 AVIs (the 
 test.avi, linked under many names so every item opens its own file). Rates in clips/s, measured
 after the first batch (worker start-up excluded). Prints one JSON document.
 
-    python bench/loader.py [--videos 48] [--batch 8] [--source FILE]
+    python bench/loader.py [--videos 192] [--batch 8] [--source FILE]
+
+Rates are steady-state ones: every loader prefetches as many batches (vcc's prefetch_factor), and
+an epoch holds many more clips than the workers prefetch before the clock starts (with 32 videos,
+2 workers had every batch ready before the first arrived, and measured the queue, not the decode).
 
 Every variant runs the same Dataset, indices, crop, flip and DataLoader; only the reader differs.
 * vcc_wN: make_loader(..., workers=N): the fast reader (vcc.core.data.fastread: PyAV decoding
-  from the keyframe before the clip, only the kept frames converted to RGB, through one reused
-  swscale context; decord's frames, checked at prepare), then a uint8 antialiased resize of the
+  from the keyframe before the clip, B-frames skipped until just before it, only the kept frames
+  converted to RGB, through one reused swscale context; decord's frames, checked at prepare), then a uint8 antialiased resize of the
   kept frames to 171x128.
 * vcc_decord_wN: the same loader with VCC_READER=decord: decord full-size decode of the clip's
   frames (vcc's reader before the fast one), the same resize.
@@ -124,7 +128,7 @@ def _rate(loader) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--videos", type=int, default=48)
+    ap.add_argument("--videos", type=int, default=192, help="items per epoch; keep it well above the prefetched batches")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--size", type=int, default=112)
@@ -176,7 +180,8 @@ def main() -> None:
                 out[k] = max(out.get(k, 0.0), _rate(ld))
                 for kind in ("plain", "tuned"):
                     pds = _pyav_dataset(ld.dataset, plain=kind == "plain")
-                    pl = DataLoader(pds, batch_size=args.batch, sampler=ld.sampler, num_workers=w, worker_init_fn=ld.worker_init_fn)
+                    pl = DataLoader(pds, batch_size=args.batch, sampler=ld.sampler, num_workers=w,
+                                    worker_init_fn=ld.worker_init_fn, prefetch_factor=ld.prefetch_factor)
                     k = f"pyav_{kind}_w{w}_clips_per_s"
                     out[k] = max(out.get(k, 0.0), _rate(pl))
 
