@@ -265,3 +265,25 @@ def test_decord_quirks_the_fast_reader_avoids(videos: dict[str, Path]) -> None:
     tail = decord.VideoReader(bpath, num_threads=1).get_batch([38, 39]).asnumpy()
     assert np.array_equal(tail[0], btruth[39])  # frame 39 twice
     assert np.array_equal(fastread.FastReader(bpath, probe_video(bpath).keys).read([38, 39]), btruth[[38, 39]])
+
+
+def test_probe_reads_decord_again_when_a_mismatch_was_decords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decord 0.6 now and then returns a wrong frame: a first/last-frame mismatch is read again
+    from fresh readers, and only a mismatch decord repeats leaves a video to decord."""
+    from vcc.core.data import probe as probe_mod
+
+    path = SHARED_VIDEOS / "test.avi"
+    real = probe_mod._decord_last
+    calls: list[int] = []
+
+    def once_wrong(p: Path, n: int) -> np.ndarray:
+        calls.append(n)
+        frame = real(p, n)
+        return np.zeros_like(frame) if len(calls) == 1 else frame
+
+    monkeypatch.setattr(probe_mod, "_decord_last", once_wrong)
+    pr = probe_video(path)
+    assert pr.ok and pr.keys and len(calls) == 2  # the slip was read again, and the video qualifies
+    monkeypatch.setattr(probe_mod, "_decord_last", lambda p, n: np.zeros_like(real(p, n)))
+    pr = probe_video(path)
+    assert pr.ok and pr.keys is None and pr.pts is None  # decord says so every time: decord reads it
