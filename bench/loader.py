@@ -13,8 +13,8 @@ an epoch holds many more clips than the workers prefetch before the clock starts
 Every variant runs the same Dataset, indices, crop, flip and DataLoader; only the reader differs.
 * vcc_wN: make_loader(..., workers=N): the fast reader (vcc.core.data.fastread: PyAV decoding
   from the keyframe before the clip, B-frames skipped until just before it, only the kept frames
-  converted to RGB, through one reused swscale context; decord's frames, checked at prepare), then a uint8 antialiased resize of the
-  kept frames to 171x128.
+  converted to RGB, through one reused swscale context; decord's frames, checked at prepare),
+  then a uint8 antialiased resize of the kept frames to 171x128.
 * vcc_decord_wN: the same loader with VCC_READER=decord: decord full-size decode of the clip's
   frames (vcc's reader before the fast one), the same resize.
 * pyav_plain_wN (the issue's baseline): what torchvision's read_video did: seek to the keyframe

@@ -79,8 +79,8 @@ class Scan(NamedTuple):
     """What :func:`scan` records of a video the fast reader reads exactly."""
 
     keys: list[list[int]]  # keyframes [[index, pts], ...]
-    pts: str | None  # every frame's pts in output order (:func:`pack_pts`); None: frames are counted
-    skip_gap: int  # decoding may skip non-reference frames until this many survivors-apart before a clip; 0: never
+    pts: str  # every frame's pts in output order (:func:`pack_pts`)
+    skip_gap: int  # largest distance between frames that survive skipping non-reference ones; 0: never skip
 
 
 def pack_pts(pts: Sequence[int]) -> str:
@@ -101,47 +101,59 @@ def unpack_pts(packed: str) -> np.ndarray:
     return np.cumsum(np.frombuffer(raw, dtype="<i8")).astype(np.int64)
 
 
+PIXELS_DIFFER = "first or last frame differs from decord's"
+
+
 def scan(path: str, n_frames: int, first: np.ndarray, last: np.ndarray) -> Scan | None:
     """What :class:`FastReader` needs to read a video exactly as decord does, or ``None`` when it
-    cannot. `first` and `last` are decord's frames 0 and n-1.
+    cannot (:func:`scan_or_reason` says why). `first` and `last` are decord's frames 0 and n-1."""
+    found = scan_or_reason(path, n_frames, first, last)
+    return found if isinstance(found, Scan) else None
+
+
+def scan_or_reason(path: str, n_frames: int, first: np.ndarray, last: np.ndarray) -> Scan | str:
+    """:func:`scan`'s result, or why the fast reader cannot read the video (:data:`PIXELS_DIFFER`
+    when only the pixels of frame 0 or n-1 disagree with decord's).
 
     One linear decode numbers the frames in output order (decord's numbering) and records every
     frame's timestamp and the keyframes; a video with B-frames is decoded once more with
     non-reference frames skipped, to learn how far apart the frames that survive skipping lie."""
     if not 0 < n_frames <= SCAN_MAX_FRAMES:
-        return None
+        return f"not 1 to {SCAN_MAX_FRAMES} frames"
     try:
         container, stream = _open(path)
     except Exception:  # noqa: BLE001 - anything PyAV cannot open stays with decord
-        return None
+        return "PyAV cannot open it"
     keys: list[list[int]] = []
-    pts: list[int] = []
-    seen_pts: set[int] = set()
+    index_of: dict[int, int] = {}  # pts -> output index, in output order
     b_frames = 0
     try:
         for frame in container.decode(stream):
-            count = len(pts)
-            if frame.pts is None or frame.format.name not in PIXEL_FORMATS or frame.pts in seen_pts:
-                return None
-            seen_pts.add(frame.pts)
-            pts.append(int(frame.pts))
+            count = len(index_of)
+            if frame.pts is None or frame.pts in index_of:
+                return "frames without distinct timestamps"
+            if frame.format.name not in PIXEL_FORMATS:
+                return f"pixel format {frame.format.name}"
+            index_of[int(frame.pts)] = count
             b_frames += frame.pict_type == _B
             if frame.key_frame:
                 keys.append([count, int(frame.pts)])
             if count == 0 and not np.array_equal(_rgb(frame), first):
-                return None
+                return PIXELS_DIFFER
             if count == n_frames - 1 and not np.array_equal(_rgb(frame), last):
-                return None
-            if len(pts) > n_frames:
-                return None
+                return PIXELS_DIFFER
+            if count == n_frames:
+                break
     except Exception:  # noqa: BLE001 - a decoding error: decord decides what is readable
-        return None
+        return "PyAV cannot decode it"
     finally:
         container.close()
-    if len(pts) != n_frames or not keys or keys[0][0] != 0:
-        return None
-    gap = _skip_gap(path, {p: i for i, p in enumerate(pts)}, {k[0] for k in keys}) if b_frames else 0
-    return Scan(keys, pack_pts(pts), gap)
+    if len(index_of) != n_frames:
+        return "another frame count than decord's"
+    if not keys or keys[0][0] != 0:
+        return "frame 0 is not a keyframe"
+    gap = _skip_gap(path, index_of, {k[0] for k in keys}) if b_frames else 0
+    return Scan(keys, pack_pts(list(index_of)), gap)
 
 
 def _skip_gap(path: str, index_of: dict[int, int], key_indices: set[int]) -> int:
@@ -155,7 +167,7 @@ def _skip_gap(path: str, index_of: dict[int, int], key_indices: set[int]) -> int
         try:
             stream.codec_context.skip_frame = "NONREF"
             for frame in container.decode(stream):
-                i = index_of.get(frame.pts, -1) if frame.pts is not None else -1
+                i = index_of.get(frame.pts, -1)
                 if i < 0 or (kept and i <= kept[-1]):
                     return 0
                 kept.append(i)
@@ -214,11 +226,11 @@ class FastReader:
         try:
             if self.packed_pts is not None and self._index_of is None:
                 self._index_of = {int(p): i for i, p in enumerate(unpack_pts(self.packed_pts))}
-            out = self._read(indices, k, skip=self.skip_gap > 0)
+            out = self._read(indices, k)
             if out is None and self.skip_gap > 0:  # skipping cut the clip short: again, all frames
                 self.skip_gap, self.skip_failed = 0, True
                 self.close()
-                out = self._read(indices, k, skip=False)
+                out = self._read(indices, k)
             if out is None:
                 self.close()
             return out
@@ -226,12 +238,12 @@ class FastReader:
             self.close()
             return None
 
-    def _read(self, indices: list[int], k: int, skip: bool) -> np.ndarray | None:
+    def _read(self, indices: list[int], k: int) -> np.ndarray | None:
         if not (self.key_index[k] <= self.next_index <= indices[0]):
             self._seek(k)
         assert self.frames is not None and self.stream is not None
         margin = skip_margin(self.skip_gap)
-        skipping = skip and indices[0] - margin > self.next_index
+        skipping = self.skip_gap > 0 and indices[0] - margin > self.next_index
         if skipping:  # from the next packet on (the keyframe, after a seek, is never skipped)
             self.stream.codec_context.skip_frame = "NONREF"
         out: np.ndarray | None = None
@@ -240,7 +252,7 @@ class FastReader:
             if self._index_of is None:
                 i = self.next_index  # counted
             else:
-                i = self._index_of.get(frame.pts, -1) if frame.pts is not None else -1
+                i = self._index_of.get(frame.pts, -1)
                 if i < self.next_index:  # unknown, or out of order
                     return None
             self.next_index = i + 1

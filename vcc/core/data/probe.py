@@ -157,17 +157,17 @@ def probe_video(path: str | Path) -> Probe:
             fps = float(vr.get_avg_fps() or 0.0)
             del vr
             last = _decord_last(p, n)
-        sc = fastread.scan(str(p), n, first, last)
-        for _ in range(2):  # decord 0.6 now and then returns a wrong frame: a mismatch it caused is read again
-            if sc is not None or n > fastread.SCAN_MAX_FRAMES:
+        sc = fastread.scan_or_reason(str(p), n, first, last)
+        for _ in range(2):  # decord 0.6 now and then returns a wrong frame: a pixel mismatch is read again
+            if sc != fastread.PIXELS_DIFFER:
                 break
             with _DECORD_LOCK:
                 again = decord.VideoReader(str(p), num_threads=1)[0].asnumpy(), _decord_last(p, n)
             if np.array_equal(again[0], first) and np.array_equal(again[1], last):
                 break  # decord reads the same: the fast reader does not match it
             first, last = again
-            sc = fastread.scan(str(p), n, first, last)
-        fast = {"keys": sc.keys, "pts": sc.pts, "skip_gap": sc.skip_gap} if sc is not None else {}
+            sc = fastread.scan_or_reason(str(p), n, first, last)
+        fast = sc._asdict() if isinstance(sc, fastread.Scan) else {}
         return Probe(n_frames=n, fps=round(fps, 3), width=int(first.shape[1]), height=int(first.shape[0]), **fast)
     except Exception as exc:  # noqa: BLE001 - decord raises its own types for every kind of bad file
         return Probe(reason=f"undecodable: {short_reason(exc)}")
