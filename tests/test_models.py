@@ -398,3 +398,25 @@ def test_probe_forward_leaves_the_model_as_it_was() -> None:
     with pytest.raises(RuntimeError):
         probe_forward(model, torch.randn(1, 5, 8, 32, 32), [(model.layer1, lambda *_: widths.append(0))])
     assert model.training and not model.layer1._forward_hooks and widths == [16]
+
+
+def test_check_input_refuses_only_inputs_a_model_cannot_take() -> None:
+    """The meta-device check passes every zoo arch at its design input and refuses a clip its pools empty."""
+    from vcc.core.errors import UsageError
+    from vcc.core.models import check_input
+
+    check_input(build_model("s3d", 3), 16, 112, "s3d")
+    check_input(build_model("r3d_tiny", 3), 8, 32, "r3d_tiny")
+    with pytest.raises(UsageError, match=r"s3d cannot take 4-frame 16x16 clips \(.*\); use larger"):
+        check_input(build_model("s3d", 3), 4, 16, "s3d")
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_check_input_passes_every_arch_at_its_design_input(arch: str) -> None:
+    """No zoo arch is refused at the input it was designed for (and the check stays on meta: fast)."""
+    from vcc.core.models import check_input, get_spec
+
+    spec = get_spec(arch)
+    with torch.device("meta"):
+        model = build_model(arch, 5)
+    check_input(model, spec.frames, spec.size, arch)

@@ -437,6 +437,8 @@ def _state_model(model: nn.Module) -> dict[str, torch.Tensor]:
         (["train", "--data", "{data}", "--device", "cuda:7"], 2, "--device"),
         (["train"], 2, "--data NAME is required"),
         (["finetune", "missing.safetensors", "--data", "{data}"], 1, "missing.safetensors"),
+        (["train", "--data", "{data}", "--arch", "s3d", "--frames", "4", "--size", "16"], 2,
+         "s3d cannot take 4-frame 16x16 clips"),  # its pools shrink the clip to nothing: refused before any data loads
     ],
 )
 def test_bad_input_one_line(ws, tiny_synthetic, args, code, needle) -> None:

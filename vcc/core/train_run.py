@@ -254,6 +254,9 @@ def _run(ws: Workspace, info: Any, model: nn.Module, meta: ModelMeta, cfg: Train
          progress: ProgressFn | None) -> RunResult:
     # The callers have matched meta's classes to the dataset's (fit checks them again).
     cfg.validate()  # before the run folder exists: a bad option leaves nothing behind
+    from vcc.core.models import check_input
+
+    check_input(model, cfg.frames, cfg.size, meta.arch)
     cfg = dataclasses.replace(cfg, command=command, init=str(parent) if parent else None)
     run_name, run_dir = _new_run_dir(ws, name, default_name, {
         "command": command, **_data_ref(ws, info), "teacher": teacher_path,

@@ -92,6 +92,33 @@ def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
         raise UsageError(f"bad options for arch {name!r}: {exc}") from exc
 
 
+def check_input(model: nn.Module, frames: int, size: int, what: str) -> None:
+    """UsageError when `model` cannot take one clip of `frames` x `size` x `size` (e.g. pools
+    that shrink it to nothing), so that a run fails before its data loads, not at its first batch.
+
+    Checked on a meta-device copy (shapes only, no compute); a model that fails there (an op with
+    no meta kernel) is tried once for real at batch 1 on a CPU copy before it is refused.
+    """
+    import copy
+
+    import torch
+
+    from vcc.core.errors import first_line
+
+    shape = (1, 3, frames, size, size)
+    with torch.no_grad():
+        try:
+            copy.deepcopy(model).to("meta").eval()(torch.empty(shape, device="meta"))
+            return
+        except Exception:  # noqa: BLE001 - confirmed below on real tensors
+            pass
+        try:
+            copy.deepcopy(model).cpu().float().eval()(torch.zeros(shape))
+        except Exception as exc:  # noqa: BLE001 - any failure means this input does not fit
+            raise UsageError(f"{what} cannot take {frames}-frame {size}x{size} clips ({first_line(exc, 200)}); "
+                             "use larger --frames / --size") from exc
+
+
 def _coerce_options(arch: str, builder: Callable[..., nn.Module], options: dict[str, Any]) -> dict[str, Any]:
     """Turn string values (as given on a command line) into the type of the builder's default."""
     import inspect
