@@ -19,7 +19,7 @@ from vcc.core.data import sampling
 from vcc.core.data.loader import make_loader
 from vcc.core.data.manifest import VideoEntry, load_dataset, write_dataset
 from vcc.core.data.synthetic import DEFAULTS, MOTIONS, prepare_synthetic, render_video
-from vcc.core.data.transforms import crop_offsets, normalize, resized_shape
+from vcc.core.data.transforms import crop_offsets, normalize, resized_shape, scale_for
 from vcc.core.errors import UsageError, VccError
 
 # ---------------------------------------------------------------- synthetic
@@ -257,6 +257,34 @@ def test_decoder_scaling_and_resize_after_decode_agree(tmp_path: Path, ws, monke
     assert after.shape == during.shape == (3, 8, 32, 32)
     assert float((after - during).abs().mean()) < 6  # both bilinear; the scalers differ a little
     assert float(after.std()) > 10
+
+
+def test_decoder_scaling_to_a_width_decord_gets_wrong_falls_back_to_resizing_after(
+        tmp_path: Path, ws, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At --size 16 a 320x240 video is scaled to 24x18, a width decord's scaler returns 4-channel
+    frames for (and every get_batch fails): the loader must decode it full size and resize after."""
+    from vcc.core.data import loader as loader_mod
+    from vcc.core.data.prepare import prepare_folder
+
+    root = tmp_path / "real"
+    (root / "a").mkdir(parents=True)
+    shutil.copy(SHARED_VIDEOS / "test.avi", root / "a" / "test.avi")
+    info = load_dataset(prepare_folder(ws, root, val_ratio=0.0, name="one").path)
+    assert (info.split("train")[0].width, scale_for(16)) == (320, 18)
+
+    def clip(scale_above: float) -> tuple[torch.Tensor, int]:
+        monkeypatch.setattr(loader_mod, "DECODE_SCALE_ABOVE", scale_above)
+        ds = make_loader(info, "train", train=False, frames=8, size=16, batch_size=1).dataset
+        ds.use_fast = False  # decord reads both
+        x, _, _ = ds[0]
+        return x, ds.failures
+
+    during, failures = clip(1.0)  # short side 240 > 18: decord asked to scale
+    after, _ = clip(1e9)  # never scaled by the decoder
+    assert failures == 0
+    assert during.shape == (3, 8, 16, 16)
+    assert torch.equal(during, after)  # the fallback is the resize-after path, exactly
+    assert float(during.float().std()) > 10
 
 
 # ---------------------------------------------------------------- samplers

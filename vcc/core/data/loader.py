@@ -80,6 +80,8 @@ class ClipDataset(Dataset):
         self._fast: tuple[int, FastReader] | None = None  # per process: the last video's fast reader
         self._not_fast: set[int] = set()  # per process: videos the fast reader could not line up
         self._no_skip: set[int] = set()  # per process: videos whose reads skipping non-reference frames cut short
+        self._scale_ok: set[int] = set()  # per process: videos decord was seen to scale to the right shape
+        self._no_scale: set[int] = set()  # per process: videos it scales to a wrong shape (decoded full size)
         self.use_fast = os.environ.get("VCC_READER", "").lower() != "decord"
         self._last_clip: tuple[tuple[int, int], np.ndarray] | None = None  # test: the crops of one clip share its frames
         self._reported = multiprocessing.Array("b", max(1, len(entries)), lock=False)  # failure logged (any process)
@@ -109,10 +111,21 @@ class ClipDataset(Dataset):
             self._readers.move_to_end(vid)
             return self._readers[vid]
         e = self.entries[vid]
-        kw: dict[str, int] = {}
-        if self._decoder_scales(e):
-            kw["width"], kw["height"] = transforms.resized_shape(e.width, e.height, self.short)
-        reader = decord.VideoReader(e.path, num_threads=1, **kw)
+        reader = None
+        if self._decoder_scales(vid):
+            w, h = transforms.resized_shape(e.width, e.height, self.short)
+            if vid not in self._scale_ok:
+                # decord's scaler returns frames of the wrong shape for some widths (8, 12, 16, 24,
+                # 48, 72 ... px: every one of `get_batch`'s reads fails): try one frame first, on a
+                # reader of its own, and decode this video at full size (resized after) if it is off
+                if tuple(decord.VideoReader(e.path, num_threads=1, width=w, height=h)[0].shape) == (h, w, 3):
+                    self._scale_ok.add(vid)
+                else:
+                    self._no_scale.add(vid)
+            if vid in self._scale_ok:
+                reader = decord.VideoReader(e.path, num_threads=1, width=w, height=h)
+        if reader is None:
+            reader = decord.VideoReader(e.path, num_threads=1)
         # an open decord reader keeps a decoder thread working ahead: keep only what test reuses
         keep = 0 if self.train else READER_CACHE
         self._readers[vid] = reader
@@ -120,17 +133,19 @@ class ClipDataset(Dataset):
             self._readers.popitem(last=False)
         return reader
 
-    def _decoder_scales(self, e: VideoEntry) -> bool:
-        """Whether decord scales `e` while decoding. It scales every decoded frame, skipped ones
-        included: for UCF101-sized videos that costs up to 2x the decode (bench/loader.py), so
+    def _decoder_scales(self, vid: int) -> bool:
+        """Whether decord scales video `vid` while decoding. It scales every decoded frame, skipped
+        ones included: for UCF101-sized videos that costs up to 2x the decode (bench/loader.py), so
         only huge videos are scaled by the decoder (bounding memory); the rest are resized after,
-        kept frames only."""
-        return e.width > 0 and e.height > 0 and min(e.width, e.height) > DECODE_SCALE_ABOVE * self.short
+        kept frames only. So are videos whose scaled shape decord gets wrong (`_no_scale`)."""
+        e = self.entries[vid]
+        return (e.width > 0 and e.height > 0 and min(e.width, e.height) > DECODE_SCALE_ABOVE * self.short
+                and vid not in self._no_scale)
 
     def _fast_reader(self, vid: int) -> FastReader | None:
         """The fast reader for video `vid`, or None when decord must read it."""
         e = self.entries[vid]
-        if not (self.use_fast and e.keys) or vid in self._not_fast or self._decoder_scales(e):
+        if not (self.use_fast and e.keys) or vid in self._not_fast or self._decoder_scales(vid):
             return None
         if self._fast is None or self._fast[0] != vid:
             self._drop_fast()
