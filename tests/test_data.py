@@ -173,7 +173,7 @@ def test_train_reports_videos_broken_after_prepare_once_and_quietly(tmp_path: Pa
         (root / cls).mkdir(parents=True)
         for i in range(3):
             shutil.copy(SHARED_VIDEOS / src, root / cls / f"{cls}{i}{Path(src).suffix}")
-    run_vcc("-w", str(ws), "-q", "prepare", "folder", "--root", str(root), "--val-ratio", "0.34", check=True)
+    run_vcc("-w", str(ws), "-q", "prepare", "folder", "--root", str(root), "--test-ratio", "0.34", check=True)
     broken = sorted(root.glob("*/*"))
     for p in broken:  # break every video: each load fails, so each one must be named exactly once
         p.write_bytes(p.read_bytes()[:3000])

@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
     @sub.command("folder")
     def folder(
         root: RootOpt,
-        val_ratio: Annotated[float, typer.Option("--val-ratio", min=0.0, max=0.95, help="Share of each class's videos put in the test split (not for trees already split into train/ and test/; --holdout makes a val split).")] = 0.2,
+        val_ratio: Annotated[float, typer.Option("--test-ratio", "--val-ratio", min=0.0, max=0.95, help="Share of each class's videos put in the test split (--val-ratio is its old name; not for trees already split into train/ and test/; --holdout makes a val split).")] = 0.2,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the per-class split.")] = 0,
         holdout: HoldoutOpt = 0.0,
         name: PrepNameOpt = None,
@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
 
         Examples:
 
-          vcc prepare folder --root my_videos --val-ratio 0.2 --name clips
+          vcc prepare folder --root my_videos --test-ratio 0.2 --name clips
           vcc prepare folder --root my_split   # my_split/{train,val,test}/<class>/
         """
         from vcc.core.data.prepare import prepare_folder

@@ -447,7 +447,7 @@ def prepare_folder(
     `validation/`) beside them becomes the val split; `train/` + `val/` alone make train and test.
     """
     if not 0.0 <= val_ratio < 1.0:
-        raise UsageError(f"--val-ratio must be in [0, 1), got {val_ratio}")
+        raise UsageError(f"--test-ratio must be in [0, 1), got {val_ratio}")
     root_dir = _need_dir(root, "--root")
     train_dir = _find_child(root_dir, ("train",))
     test_dir = _find_child(root_dir, ("test",))
