@@ -96,8 +96,9 @@ def check_input(model: nn.Module, frames: int, size: int, what: str) -> None:
     """UsageError when `model` cannot take one clip of `frames` x `size` x `size` (e.g. pools
     that shrink it to nothing), so that a run fails before its data loads, not at its first batch.
 
-    Checked on a meta-device copy (shapes only, no compute); a model that fails there (an op with
-    no meta kernel) is tried once for real at batch 1 on a CPU copy before it is refused.
+    Checked on a meta-device copy (shapes only, no compute). A model that cannot be copied there
+    (masks computed by parametrizations) or fails there (an op with no meta kernel) runs one real
+    forward at batch 1 instead, in eval mode without gradients (its modes are restored).
     """
     import copy
 
@@ -112,11 +113,17 @@ def check_input(model: nn.Module, frames: int, size: int, what: str) -> None:
             return
         except Exception:  # noqa: BLE001 - confirmed below on real tensors
             pass
+        ref = next((t for t in model.parameters() if t.is_floating_point()), None)
+        modes = {m: m.training for m in model.modules()}
         try:
-            copy.deepcopy(model).cpu().float().eval()(torch.zeros(shape))
+            model.eval()(torch.zeros(shape, device=ref.device if ref is not None else "cpu",
+                                     dtype=ref.dtype if ref is not None else torch.float32))
         except Exception as exc:  # noqa: BLE001 - any failure means this input does not fit
             raise UsageError(f"{what} cannot take {frames}-frame {size}x{size} clips ({first_line(exc, 200)}); "
                              "use larger --frames / --size") from exc
+        finally:
+            for m, training in modes.items():
+                m.train(training)
 
 
 def _coerce_options(arch: str, builder: Callable[..., nn.Module], options: dict[str, Any]) -> dict[str, Any]:
