@@ -18,6 +18,7 @@ import copy
 import fnmatch
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -519,14 +520,49 @@ def _ratio_bases(groups: list[ChannelGroup], ratio_of: dict[str, int] | None) ->
 
 
 def _cut(s: Surgeon, meta: Any, gscores: list[torch.Tensor], base: list[int], ratio: float, scope: str,
-         round_to: int) -> PruneOutcome:
-    """Prune `ratio` of the channels of Surgeon `s`'s model (in place), check and measure it."""
-    removals = plan(s.groups, gscores, ratio, scope, base, round_to)
+         round_to: int, removals: dict[int, list[int]] | None = None) -> PruneOutcome:
+    """Prune `ratio` of the channels of Surgeon `s`'s model (or the given `removals`; in place), check and measure it.
+
+    The outcome's ratio is the share of `base`'s channels gone afterwards (this cut's and earlier ones').
+    """
+    if removals is None:
+        removals = plan(s.groups, gscores, ratio, scope, base, round_to)
     removed = {s.groups[gi].root: len(ch) for gi, ch in removals.items() if ch}
+    left = sum(g.size for g in s.groups) - sum(removed.values())
     s.prune(removals)
     _check_forward(s.model, meta)
     macs, params = count_macs(s.model, meta)
-    return PruneOutcome(s.model, ratio, removed, macs, params)
+    return PruneOutcome(s.model, round(1 - left / max(1, sum(base)), 6), removed, macs, params)
+
+
+def _give_back(groups: list[ChannelGroup], gscores: list[torch.Tensor], removals: dict[int, list[int]],
+               fits: Callable[[dict[int, list[int]]], bool], round_to: int = 1) -> dict[int, list[int]]:
+    """Restore removed channels, best-scored first, while `fits(removals)` still holds.
+
+    Global ranking removes whole channels, and one channel of a wide-input layer (a stem's) can be
+    worth 5% of the MACs: the fewest removals that meet a MACs target overshoot it by up to that
+    much. Giving back what still fits lands just under the target. Within a group the channels
+    cost (all but) the same MACs, so a group's channels go back in score order (`round_to` at a
+    time, so it keeps a multiple) and its first one that does not fit ends its turn.
+    """
+    out = {gi: list(ch) for gi, ch in removals.items()}
+    queues: dict[int, list[list[int]]] = {}
+    for gi, removed in out.items():
+        pos = {c: j for j, c in enumerate(groups[gi].channels)}
+        best = sorted(removed, key=lambda c: (-float(gscores[gi][pos[c]]), pos[c]))
+        queues[gi] = [best[i:i + max(1, round_to)] for i in range(0, len(best), max(1, round_to))]
+    while queues:
+        # the group whose next chunk holds the best score goes first
+        gi = max(queues, key=lambda g: (max(float(gscores[g][groups[g].channels.index(c)]) for c in queues[g][0]), -g))
+        chunk = queues[gi].pop(0)
+        trial = {**out, gi: [c for c in out[gi] if c not in set(chunk)]}
+        if fits({g: ch for g, ch in trial.items() if ch}):
+            out = trial
+        else:
+            queues[gi] = []
+        if not queues[gi]:
+            del queues[gi]
+    return {gi: ch for gi, ch in out.items() if ch}
 
 
 def _check_forward(model: nn.Module, meta: Any) -> None:
@@ -577,7 +613,9 @@ def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], 
     """Prune until MACs <= `target` x `base_macs` (default: the model's own MACs).
 
     The ratio is found by bisection on a MAC estimate computed from layer shapes (no surgery per
-    probe), then the model is pruned once and measured with count_macs; if the measured MACs
+    probe); with global scope the removed channels that still fit are given back, best first
+    (:func:`_give_back`), so the result lands just under the goal, not a stem channel's worth
+    below it. Then the model is pruned once and measured with count_macs; if the measured MACs
     still miss the goal the ratio is nudged up. `probe` (:func:`probe_surgeon` of this very model,
     not yet pruned) saves a trace; it is consumed (its copy becomes the pruned model).
     """
@@ -614,7 +652,10 @@ def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], 
     r = hi
     for attempt in range(6):
         s = probe if attempt == 0 else probe_surgeon(model, meta, ignore)
-        out = _cut(s, meta, gscores, base, r, scope, round_to)
+        removals = plan(s.groups, gscores, r, scope, base, round_to)
+        if scope == "global":  # per-layer scope keeps its one ratio for every layer
+            removals = _give_back(s.groups, gscores, removals, lambda rm, s=s: other + s.estimate_macs(rm) <= goal, round_to)
+        out = _cut(s, meta, gscores, base, r, scope, round_to, removals)
         if progress:
             progress("target MACs", attempt + 1, None, {"ratio": round(r, 4), "macs": round(out.macs / base_macs, 4)})
         if out.macs <= goal or r >= 0.999:
