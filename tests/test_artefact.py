@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from tests.conftest import SHARED_VIDEOS
 from vcc.core.artefact import (
     ModelMeta,
     input_spec,
@@ -214,3 +216,24 @@ def test_plain_names_are_the_workspaces_first(tmp_path: Path, monkeypatch: pytes
     assert ws.resolve_model("base") == ws.runs_dir / "base" / "model.safetensors"
     assert ws.resolve_dataset("syn") == ws.datasets_dir / "syn"
     assert ws.resolve_dataset("./syn") == Path("./syn")
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [("model.onnx", "it is an ONNX model"), ("weights.pth", "PyTorch checkpoint: start from its weights with `vcc train --init"),
+     ("clip.avi", "it is a video"), ("notes.txt", None)],
+)
+def test_a_file_that_is_not_an_artefact_says_what_it_looks_like(tmp_path: Path, name: str, needle: str | None) -> None:
+    """vcc macs/eval/port on an ONNX export, a .pth or a video: the one-line error says what to do instead."""
+    path = tmp_path / name
+    if name.endswith(".pth"):
+        torch.save({"w": torch.ones(2)}, path)
+    elif name.endswith(".avi"):
+        shutil.copy(SHARED_VIDEOS / "test.avi", path)
+    else:
+        path.write_bytes(b"\x08\x07\x12\x07pytorch" * 8)
+    with pytest.raises(ArtefactError, match="is not a readable safetensors file") as err:
+        read_doc(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert (needle in msg) if needle else ("; it" not in msg)

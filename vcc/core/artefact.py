@@ -247,6 +247,26 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], doc: dict[s
     return path
 
 
+_VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".flv", ".wmv"}
+
+
+def _looks_like(path: Path) -> str:
+    """A hint for a file that is not an artefact: what it seems to be and what to do with it."""
+    suffix = path.suffix.lower()
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError:
+        magic = b""
+    if suffix == ".onnx":
+        return "; it is an ONNX model: vcc reads its own .safetensors artefacts (`vcc port --onnx` exports ONNX, one way)"
+    if suffix in (".pth", ".pt", ".ckpt") or magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
+        return "; it looks like a PyTorch checkpoint: start from its weights with `vcc train --init FILE --arch ARCH`"
+    if suffix in _VIDEO_SUFFIXES:
+        return "; it is a video: `vcc prepare` makes datasets of videos"
+    return ""
+
+
 def read_doc(path: str | Path) -> dict[str, Any]:
     """The JSON document of an artefact, without loading tensors."""
     from safetensors import safe_open
@@ -258,7 +278,7 @@ def read_doc(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise ArtefactError(f"{path} is not a readable safetensors file ({first_line(exc)})") from exc
+        raise ArtefactError(f"{path} is not a readable safetensors file ({first_line(exc)}){_looks_like(path)}") from exc
     if META_KEY not in meta:
         raise ArtefactError(f"{path} is a safetensors file but not a vcc artefact (no '{META_KEY}' metadata)")
     try:
