@@ -189,3 +189,26 @@ def test_eval_class_mismatch(ws, tiny_synthetic) -> None:
     res = runner.invoke(app, ["--workspace", str(ws.root), "eval", str(path), "--data", str(tiny_synthetic)])
     assert res.exit_code == 1
     assert "class mismatch" in res.output and "abcd.safetensors" in res.output and "'tiny'" in res.output
+
+
+def test_median_ms_times_small_models_for_at_least_min_s() -> None:
+    """Ten 1-ms forwards are too few to time a small model on a busy machine: min_s adds runs."""
+    import time as _time
+
+    from vcc.core.evaluate import median_ms
+
+    calls = []
+
+    def fn(_x: torch.Tensor) -> None:
+        calls.append(1)
+        _time.sleep(0.002)
+
+    x = torch.zeros(1)
+    median_ms(fn, x, warmup=2, runs=3)
+    assert len(calls) == 5
+    calls.clear()
+    ms = median_ms(fn, x, warmup=2, runs=3, min_s=0.1)
+    assert 2 + 0.1 / 0.004 <= len(calls) <= 2 + 0.1 / 0.002 + 1 and ms >= 2.0
+    calls.clear()
+    median_ms(fn, x, warmup=0, runs=1, min_s=10.0, most=7)
+    assert len(calls) == 7  # `most` caps it

@@ -123,36 +123,42 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
 
 
 def measure_latency(model: nn.Module, meta: ModelMeta, device: str | torch.device = "cpu", batch: int = 1, warmup: int = 3,
-                    runs: int = 10, fold_bn: bool = True) -> float:
+                    runs: int = 10, fold_bn: bool = True, min_s: float = 0.2) -> float:
     """Median wall time in ms of one forward pass at batch `batch` on `device` (after warm-up).
 
     With `fold_bn` (default) the timed model is :func:`vcc.core.inference.inference_form`'s copy
-    (BatchNorm folded, CPU conv kernels chosen by timing); without, the model as it is.
+    (BatchNorm folded, CPU conv kernels chosen by timing); without, the model as it is. Small
+    models run more than `runs` times, until `min_s` seconds are timed: ten 1-ms forwards are
+    too few to outlast a neighbour's burst.
     """
     device = resolve_device(device)
     was_training = model.training
     model.eval()
     x = torch.randn(batch, *meta.input_shape, device=device)
     timed = inference_form(model, x) if fold_bn else model
-    ms = median_ms(timed, x, warmup=warmup, runs=runs)
+    ms = median_ms(timed, x, warmup=warmup, runs=runs, min_s=min_s)
     model.train(was_training)
     return ms
 
 
-def median_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, warmup: int = 3, runs: int = 10) -> float:
+def median_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, warmup: int = 3, runs: int = 10,
+              min_s: float = 0.0, most: int = 2000) -> float:
     """Median wall time in ms of `fn(x)` under inference mode after `warmup` calls (synchronised on CUDA).
 
-    `fn` is any callable: a module, a compiled module, an ONNX Runtime session wrapper.
+    `fn` is any callable: a module, a compiled module, an ONNX Runtime session wrapper. At least
+    `runs` calls are timed, and more (up to `most`) until they add up to `min_s` seconds.
     """
-    times = []
+    times: list[float] = []
     with torch.inference_mode():
-        for i in range(warmup + runs):
+        i = 0
+        while i < warmup + runs or (sum(times) < min_s * 1000.0 and len(times) < most):
             _sync(x.device)
             t0 = time.perf_counter()
             fn(x)
             _sync(x.device)
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1000.0)
+            i += 1
     return float(statistics.median(times))
 
 
