@@ -77,6 +77,27 @@ def test_cli_rank_artefact_feeds_prune(ws, tiny_model: Path) -> None:
     assert res.exit_code == 2 and "made with --method l1" in res.output
 
 
+def test_prune_takes_a_rank_run_by_name_and_its_method(ws, tiny_model: Path) -> None:
+    """`vcc prune --ranking RUN` finds the run's ranking file and, without --method, prunes with its method."""
+    assert runner.invoke(app, ["rank", str(tiny_model), "--method", "l2", "--name", "r"]).exit_code == 0
+    res = runner.invoke(app, ["prune", "--latency-runs", "2", str(tiny_model), "--ranking", "r", "--ratio", "0.25",
+                              "--scope", "layer", "--name", "byname", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["method"] == "l2"
+    model, _ = load_model(ws.runs_dir / "byname" / "model.safetensors")
+    assert model.layer1[0].conv1.out_channels == 12
+    # a second ranking in the run: the bare name is ambiguous, RUN:METHOD picks one
+    assert runner.invoke(app, ["rank", str(tiny_model), "--method", "l1", "--out", str(ws.runs_dir / "r" / "ranking-l1.safetensors")]).exit_code == 0
+    for spec, code, needle in [("r", 1, "holds rankings l1, l2: say which, e.g. r:l1"), ("r:oracle", 1, "holds no 'oracle' ranking"),
+                               ("byname", 1, "run 'byname' holds no ranking"), ("ghost", 1, "neither a file nor a run")]:
+        res = runner.invoke(app, ["prune", str(tiny_model), "--ranking", spec, "--ratio", "0.25", "--name", "never"])
+        assert res.exit_code == code and needle in res.output, (spec, res.output)
+    assert not (ws.runs_dir / "never").exists()
+    res = runner.invoke(app, ["prune", "--latency-runs", "2", str(tiny_model), "--ranking", "r:l1", "--ratio", "0.25", "--name", "picked",
+                              "--format", "json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["method"] == "l1", res.output
+
+
 def test_default_run_names_say_which_model(ws, tiny_model: Path) -> None:
     """Without --name, rank/prune/port runs are named after the model (a run's name, else the
     file's stem) and the method, numbered when taken."""

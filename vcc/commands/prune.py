@@ -13,11 +13,11 @@ def register(app: typer.Typer) -> None:
     @app.command("prune")
     def prune(
         model: Annotated[str, typer.Argument(metavar="MODEL", help="A model .safetensors path or a run name (RUN, RUN:best, RUN:last).", show_default=False)],
-        method: Annotated[str, typer.Option("--method", "-m", help="taylor | l1 | l2 | oracle (channels), magnitude (element-wise masks) or vib.")] = "taylor",
+        method: Annotated[str | None, typer.Option("--method", "-m", help="taylor | l1 | l2 | oracle (channels), magnitude (element-wise masks) or vib (default: taylor, or --ranking's method).", show_default=False)] = None,
         ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of prunable channels to remove, in (0, 1).")] = None,
         target_macs: Annotated[float | None, typer.Option("--target-macs", help="Fraction of the MACs to keep, in (0, 1): 0.5 halves them (the ratio is searched).")] = None,
         scope: Annotated[str, typer.Option("--scope", help="global: rank channels across layers (each layer relative to its mean score); layer: the same ratio in every layer.")] = "global",
-        ranking: Annotated[str | None, typer.Option("--ranking", help="A ranking from `vcc rank` to use for the first step (else ranked here).")] = None,
+        ranking: Annotated[str | None, typer.Option("--ranking", help="A ranking from `vcc rank` for the first step (else ranked here): its file, or the rank run's name (RUN, RUN:METHOD).")] = None,
         steps: Annotated[int, typer.Option("--steps", min=1, help="Prune in N steps on a cubic (AGP) schedule, finetuning after each.")] = 1,
         finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="Epochs of finetuning after each step (needs --data).")] = 0,
         round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep a multiple of N channels in every pruned layer (e.g. 8: faster kernels on CPU SIMD and GPU tensor cores).")] = 1,
@@ -64,9 +64,11 @@ def register(app: typer.Typer) -> None:
         ws = workspace()
         model_path = ws.resolve_model(model)
         data_path = ws.resolve_dataset(data) if data else None
-        method_l = method.lower()
-        run_name, _ = ws.new_run_dir(name, f"prune-{ws.model_stem(model_path)}-{method_l}")
         from vcc.core.artefact import read_doc
+
+        ranking_path = ws.resolve_ranking(ranking) if ranking else None
+        method_l = (method or (ranking_path and read_doc(ranking_path).get("method")) or "taylor").lower()
+        run_name, _ = ws.new_run_dir(name, f"prune-{ws.model_stem(model_path)}-{method_l}")
         from vcc.core.training import TrainConfig
 
         mdoc = read_doc(model_path)
@@ -116,7 +118,7 @@ def register(app: typer.Typer) -> None:
 
             job = PruneJob(
                 method=method_l, ratio=ratio, target_macs=target_macs, scope=scope, steps=steps,
-                finetune_epochs=finetune_epochs, ignore=list(ignore or []), ranking=ranking, batches=batches,
+                finetune_epochs=finetune_epochs, ignore=list(ignore or []), ranking=str(ranking_path) if ranking_path else None, batches=batches,
                 sparsity=sparsity, sparsity_csv=sparsity_csv, eval_clips=eval_clips, latency_runs=latency_runs, round_to=round_to, train=cfg,
             )
             job.validate()

@@ -76,6 +76,7 @@ def register(app: typer.Typer) -> None:
             save_ranking(path, scores, method=method_l, model_path=model_path, meta=meta,
                          batches=batches if method_l in DATA_METHODS else None)
 
+        run_name: str | None = None
         if out and not sensitivity:
             save(Path(out))
             written["ranking"] = str(Path(out))
@@ -104,4 +105,5 @@ def register(app: typer.Typer) -> None:
             tables.append(Table(["layer", "coupled convs", "channels", "ratio", "removed", "MACs", "video top-1"],
                                 [[r["layer"], r["coupled"], r["channels"], r["ratio"], r["removed"], r["macs"], r["video_top1"]] for r in rows],
                                 title="Sensitivity: one channel group pruned at a time, no retraining"))
-        render(Report(doc, tables), fmt)
+        use = written["ranking"] if out or run_name is None else run_name
+        render(Report(doc, tables, [f"prune with it: vcc prune {model} --ranking {use} --target-macs 0.5 (or --ratio R)"]), fmt)
