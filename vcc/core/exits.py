@@ -478,6 +478,9 @@ def train_exits(
             raise UsageError(f"{init_path} already has exits at {', '.join(opts['stages'])}")
     else:
         model, meta = attach_exits(model, meta, exits)
+    from vcc.core.models import check_input
+
+    check_input(model, int(cfg.frames or meta.frames), int(cfg.size or meta.size), meta.arch)
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     model.freeze_backbone = True
