@@ -233,3 +233,21 @@ def test_evaluate_early_exit_thresholds(tiny_synthetic: Path) -> None:
     assert first["latency_ms"] > 0 and last["latency_ms"] > 0
     with pytest.raises(UsageError):
         evaluate_early_exit(build_model("r3d_tiny", 4), meta, tiny_synthetic, threshold=0.5)
+
+
+def test_train_exits_refuses_a_clip_the_backbone_cannot_take(ws, tiny_synthetic: Path) -> None:
+    """`vcc train --exits` with --frames/--size that s3d's pools shrink to nothing: one line, exit 2, no run left."""
+    from typer.testing import CliRunner
+
+    from vcc.cli import app
+    from vcc.core.data.manifest import load_dataset
+
+    classes = list(load_dataset(tiny_synthetic).classes)
+    path = ws.root / "s3d.safetensors"
+    ws.root.mkdir(parents=True, exist_ok=True)
+    save_model(path, build_model("s3d", len(classes)), ModelMeta(arch="s3d", num_classes=len(classes), classes=classes, input=input_spec(16, 112)))
+    res = CliRunner().invoke(app, ["-w", str(ws.root), "train", "--init", str(path), "--data", str(tiny_synthetic), "--exits", "auto",
+                                   "--kd", "ce", "--epochs", "1", "--frames", "4", "--size", "16", "--name", "never"])
+    assert res.exit_code == 2, res.output
+    assert "s3d cannot take 4-frame 16x16 clips" in res.output and "Traceback" not in res.output
+    assert not (ws.runs_dir / "never").exists()
