@@ -105,5 +105,5 @@ def register(app: typer.Typer) -> None:
             tables.append(Table(["layer", "coupled convs", "channels", "ratio", "removed", "MACs", "video top-1"],
                                 [[r["layer"], r["coupled"], r["channels"], r["ratio"], r["removed"], r["macs"], r["video_top1"]] for r in rows],
                                 title="Sensitivity: one channel group pruned at a time, no retraining"))
-        use = written["ranking"] if out or run_name is None else run_name
+        use = written["ranking"] if out else run_name  # a run made here is named; a file given is itself
         render(Report(doc, tables, [f"prune with it: vcc prune {model} --ranking {use} --target-macs 0.5 (or --ratio R)"]), fmt)

@@ -247,22 +247,30 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], doc: dict[s
     return path
 
 
-_VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".flv", ".wmv"}
+def _magic(path: Path) -> bytes:
+    """The first 4 bytes of `path` (b"" when it cannot be read)."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(4)
+    except OSError:
+        return b""
+
+
+def _torch_checkpoint(magic: bytes) -> bool:
+    """Whether a file starting with `magic` is a torch.save file: its zip format, or a legacy pickle."""
+    return magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"
 
 
 def _looks_like(path: Path) -> str:
     """A hint for a file that is not an artefact: what it seems to be and what to do with it."""
+    from vcc.core.data.prepare import VIDEO_EXTS  # only on this error path
+
     suffix = path.suffix.lower()
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except OSError:
-        magic = b""
     if suffix == ".onnx":
         return "; it is an ONNX model: vcc reads its own .safetensors artefacts (`vcc port --onnx` exports ONNX, one way)"
-    if suffix in (".pth", ".pt", ".ckpt") or magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
+    if suffix in (".pth", ".pt", ".ckpt") or _torch_checkpoint(_magic(path)):
         return "; it looks like a PyTorch checkpoint: start from its weights with `vcc train --init FILE --arch ARCH`"
-    if suffix in _VIDEO_SUFFIXES:
+    if suffix in VIDEO_EXTS:
         return "; it is a video: `vcc prepare` makes datasets of videos"
     return ""
 
@@ -369,9 +377,7 @@ def import_weights(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:
             raise ArtefactError(f"{path}: unreadable safetensors ({first_line(exc)})") from exc
-    with path.open("rb") as fh:
-        magic = fh.read(4)
-    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+    if not _torch_checkpoint(_magic(path)):
         raise ArtefactError(f"{path}: not a PyTorch checkpoint (.pth/.pt) or a .safetensors file")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)

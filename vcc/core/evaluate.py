@@ -5,9 +5,8 @@ A video's score is the mean of its clips' softmax (K temporal clips x 1 or 3 spa
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 
 from vcc.core.artefact import ModelMeta
 from vcc.core.errors import UsageError, VccError
-from vcc.core.inference import inference_form
+from vcc.core.inference import inference_form, median_ms, sync
 from vcc.core.progress import ProgressFn
 from vcc.core.training import (
     amp_dtype,
@@ -27,11 +26,6 @@ from vcc.core.training import (
     prepare_input,
     resolve_device,
 )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def predict(
@@ -66,11 +60,11 @@ def predict(
     with torch.inference_mode():
         for i, batch in enumerate(loader):
             x = prepare_input(batch[0], device, meta.mean, meta.std, channels_last)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             with autocast(device, dtype):
                 out = torch.stack(model.forward_exits(x)) if all_exits else final_logits(model(x))
-            _sync(device)
+            sync(device)
             model_s += time.perf_counter() - t0
             outs.append(out.float().cpu())
             labels.append(batch[1].cpu().long())
@@ -139,27 +133,6 @@ def measure_latency(model: nn.Module, meta: ModelMeta, device: str | torch.devic
     ms = median_ms(timed, x, warmup=warmup, runs=runs, min_s=min_s)
     model.train(was_training)
     return ms
-
-
-def median_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, warmup: int = 3, runs: int = 10,
-              min_s: float = 0.0, most: int = 2000) -> float:
-    """Median wall time in ms of `fn(x)` under inference mode after `warmup` calls (synchronised on CUDA).
-
-    `fn` is any callable: a module, a compiled module, an ONNX Runtime session wrapper. At least
-    `runs` calls are timed, and more (up to `most`) until they add up to `min_s` seconds.
-    """
-    times: list[float] = []
-    with torch.inference_mode():
-        i = 0
-        while i < warmup + runs or (sum(times) < min_s * 1000.0 and len(times) < most):
-            _sync(x.device)
-            t0 = time.perf_counter()
-            fn(x)
-            _sync(x.device)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000.0)
-            i += 1
-    return float(statistics.median(times))
 
 
 def evaluate(

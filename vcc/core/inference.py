@@ -18,6 +18,7 @@ import copy
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -164,16 +165,37 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _median_s(fn: Any, x: torch.Tensor, runs: int, budget_s: float = 0.01, most: int = 25) -> float:
-    """Median time of `fn(x)`: at least `runs` calls, more (up to `most`) while they fit in `budget_s`,
-    so a conv of microseconds is not judged on three noisy samples."""
-    fn(x)  # warm-up (oneDNN builds its primitive on the first call)
+def sync(device: torch.device) -> None:
+    """Wait for `device`'s queued work (CUDA); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, warmup: int = 3, runs: int = 10, min_s: float = 0.0, most: int = 2000) -> float:
+    """Median wall time in ms of `fn(x)` under inference mode after `warmup` calls (synchronised on CUDA).
+
+    `fn` is any callable: a module, a compiled module, an ONNX Runtime session wrapper. At least
+    `runs` calls are timed, and more (up to `most`) until they add up to `min_s` seconds, so that
+    something of microseconds is not judged on a few noisy samples.
+    """
     times: list[float] = []
-    while len(times) < runs or (len(times) < most and sum(times) < budget_s):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    with torch.inference_mode():
+        i = 0
+        while i < warmup + runs or (sum(times) < min_s * 1000.0 and len(times) < most):
+            sync(x.device)
+            t0 = time.perf_counter()
+            fn(x)
+            sync(x.device)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000.0)
+            i += 1
+    return float(statistics.median(times))
+
+
+def _conv_ms(conv: nn.Module, x: torch.Tensor, runs: int) -> float:
+    """One conv's median time: a warm-up call (oneDNN builds its primitive on the first), then at
+    least `runs` calls, more (up to 25) while they fit in 10 ms."""
+    return median_ms(conv, x, warmup=1, runs=runs, min_s=0.01, most=25)
 
 
 def select_cpu_kernels(model: nn.Module, example: torch.Tensor, runs: int = 3) -> int:
@@ -208,10 +230,10 @@ def select_cpu_kernels(model: nn.Module, example: torch.Tensor, runs: int = 3) -
                 continue
             key = _choice_key(conv, x)
             if key not in _CHOICES:
-                times = {"default": _median_s(conv, x, runs)}  # PyTorch's own choice
+                times = {"default": _conv_ms(conv, x, runs)}  # PyTorch's own choice
                 for kind, cls in _KERNELS.items():
                     try:
-                        times[kind] = _median_s(cls.like(conv), x, runs) / MARGIN
+                        times[kind] = _conv_ms(cls.like(conv), x, runs) / MARGIN
                     except (RuntimeError, NotImplementedError, AttributeError):  # a build without this oneDNN op
                         pass
                 _CHOICES[key] = min(times, key=times.__getitem__)

@@ -141,24 +141,25 @@ class Workspace:
 
     def resolve_ranking(self, spec: str) -> Path:
         """A ranking from a file path or a `vcc rank` run name (its one ranking-*.safetensors;
-        `RUN:METHOD` picks ranking-METHOD of a run that holds several)."""
+        `RUN:METHOD` picks ranking-METHOD of a run that holds several). As for models, a plain
+        name is the workspace's run first."""
         path = Path(spec).expanduser()
-        if path.is_file():
-            return path
         name, _, method = spec.partition(":")
         run = self.runs_dir / name
-        if not (_NAME_RE.match(name) and run.is_dir()):
+        if not (os.sep not in spec and path.suffix != ".safetensors" and _NAME_RE.match(name) and run.is_dir()):
+            if path.is_file():
+                return path
             if path.suffix == ".safetensors" or os.sep in spec:
                 raise VccError(f"ranking file not found: {spec}")
             raise VccError(f"ranking {spec!r} is neither a file nor a run in {self.runs_dir} (runs: {', '.join(self.runs()) or 'none'})")
-        found = sorted(run.glob(f"ranking-{method or '*'}.safetensors"))
-        if len(found) == 1:
-            return found[0]
-        held = ", ".join(p.stem.removeprefix("ranking-") for p in sorted(run.glob("ranking-*.safetensors")))
+        held = {f.stem.removeprefix("ranking-"): f for f in sorted(run.glob("ranking-*.safetensors"))}
+        if method in held or (not method and len(held) == 1):
+            return held[method or next(iter(held))]
         if not held:
             raise VccError(f"run {name!r} holds no ranking (make one with `vcc rank MODEL --name {name}`)")
-        raise VccError(f"run {name!r} holds no {method!r} ranking (it holds: {held})" if method
-                       else f"run {name!r} holds rankings {held}: say which, e.g. {name}:{held.split(', ')[0]}")
+        listed = ", ".join(held)
+        raise VccError(f"run {name!r} holds no {method!r} ranking (it holds: {listed})" if method
+                       else f"run {name!r} holds rankings {listed}: say which, e.g. {name}:{next(iter(held))}")
 
     def model_stem(self, model_path: Path) -> str:
         """:func:`model_stem` (a method for the commands' convenience)."""

@@ -472,13 +472,17 @@ def _round_removals(groups: list[ChannelGroup], gscores: list[torch.Tensor], rem
         want = min(g.size, -(-keep // round_to) * round_to)
         back = want - keep
         if back > 0:
-            pos = {c: j for j, c in enumerate(g.channels)}
-            by_score = sorted(removed, key=lambda c: (-float(gscores[gi][pos[c]]), pos[c]))
-            given = set(by_score[:back])
+            given = {c for _, c in _best_first(g, gscores[gi], removed)[:back]}
             removed = [c for c in removed if c not in given]
         if removed:
             out[gi] = removed
     return out
+
+
+def _best_first(g: ChannelGroup, scores: torch.Tensor, channels: list[int]) -> list[tuple[float, int]]:
+    """(score, channel) of `channels` (root channels of group `g`), best score first, ties by position."""
+    pos = {c: j for j, c in enumerate(g.channels)}
+    return sorted(((float(scores[pos[c]]), c) for c in channels), key=lambda t: (-t[0], pos[t[1]]))
 
 
 # ---------------------------------------------------------------- one-shot pruning
@@ -511,7 +515,8 @@ def prune_channels(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor],
         s.finish()
         raise VccError(f"{meta.arch}: no prunable channels found (everything is a classifier or ignored)")
     gscores = group_scores(s.groups, scores, normalise=(scope == "global"))
-    return _cut(s, meta, gscores, _ratio_bases(s.groups, ratio_of), ratio, scope, round_to)
+    base = _ratio_bases(s.groups, ratio_of)
+    return _cut(s, meta, plan(s.groups, gscores, ratio, scope, base, round_to), base)
 
 
 def _ratio_bases(groups: list[ChannelGroup], ratio_of: dict[str, int] | None) -> list[int]:
@@ -519,14 +524,11 @@ def _ratio_bases(groups: list[ChannelGroup], ratio_of: dict[str, int] | None) ->
     return [max(g.size, (ratio_of or {}).get(g.root, g.size)) for g in groups]
 
 
-def _cut(s: Surgeon, meta: Any, gscores: list[torch.Tensor], base: list[int], ratio: float, scope: str,
-         round_to: int, removals: dict[int, list[int]] | None = None) -> PruneOutcome:
-    """Prune `ratio` of the channels of Surgeon `s`'s model (or the given `removals`; in place), check and measure it.
+def _cut(s: Surgeon, meta: Any, removals: dict[int, list[int]], base: list[int]) -> PruneOutcome:
+    """Remove `removals` from Surgeon `s`'s model (in place), check and measure it.
 
     The outcome's ratio is the share of `base`'s channels gone afterwards (this cut's and earlier ones').
     """
-    if removals is None:
-        removals = plan(s.groups, gscores, ratio, scope, base, round_to)
     removed = {s.groups[gi].root: len(ch) for gi, ch in removals.items() if ch}
     left = sum(g.size for g in s.groups) - sum(removed.values())
     s.prune(removals)
@@ -545,17 +547,16 @@ def _give_back(groups: list[ChannelGroup], gscores: list[torch.Tensor], removals
     cost (all but) the same MACs, so a group's channels go back in score order (`round_to` at a
     time, so it keeps a multiple) and its first one that does not fit ends its turn.
     """
+    step = max(1, round_to)
     out = {gi: list(ch) for gi, ch in removals.items()}
-    queues: dict[int, list[list[int]]] = {}
+    queues: dict[int, list[tuple[float, set[int]]]] = {}  # per group: (best score, chunk), best first
     for gi, removed in out.items():
-        pos = {c: j for j, c in enumerate(groups[gi].channels)}
-        best = sorted(removed, key=lambda c: (-float(gscores[gi][pos[c]]), pos[c]))
-        queues[gi] = [best[i:i + max(1, round_to)] for i in range(0, len(best), max(1, round_to))]
+        best = _best_first(groups[gi], gscores[gi], removed)
+        queues[gi] = [(best[i][0], {c for _, c in best[i:i + step]}) for i in range(0, len(best), step)]
     while queues:
-        # the group whose next chunk holds the best score goes first
-        gi = max(queues, key=lambda g: (max(float(gscores[g][groups[g].channels.index(c)]) for c in queues[g][0]), -g))
-        chunk = queues[gi].pop(0)
-        trial = {**out, gi: [c for c in out[gi] if c not in set(chunk)]}
+        gi = max(queues, key=lambda g: (queues[g][0][0], -g))  # the best next chunk of any group goes first
+        chunk = queues[gi].pop(0)[1]
+        trial = {**out, gi: [c for c in out[gi] if c not in chunk]}
         if fits({g: ch for g, ch in trial.items() if ch}):
             out = trial
         else:
@@ -655,7 +656,7 @@ def prune_to_macs(model: nn.Module, meta: Any, scores: dict[str, torch.Tensor], 
         removals = plan(s.groups, gscores, r, scope, base, round_to)
         if scope == "global":  # per-layer scope keeps its one ratio for every layer
             removals = _give_back(s.groups, gscores, removals, lambda rm, s=s: other + s.estimate_macs(rm) <= goal, round_to)
-        out = _cut(s, meta, gscores, base, r, scope, round_to, removals)
+        out = _cut(s, meta, removals, base)
         if progress:
             progress("target MACs", attempt + 1, None, {"ratio": round(r, 4), "macs": round(out.macs / base_macs, 4)})
         if out.macs <= goal or r >= 0.999:

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from vcc.core.data import sampling, transforms
 from vcc.core.data.fastread import FastReader
 from vcc.core.data.manifest import DatasetInfo, VideoEntry
-from vcc.core.data.probe import native_stderr_muted, quiet_ffmpeg, short_reason
+from vcc.core.data.probe import decord_rows_ok, native_stderr_muted, quiet_ffmpeg, short_reason
 from vcc.core.errors import UsageError, VccError
 
 log = logging.getLogger("vcc.data")
@@ -80,8 +80,7 @@ class ClipDataset(Dataset):
         self._fast: tuple[int, FastReader] | None = None  # per process: the last video's fast reader
         self._not_fast: set[int] = set()  # per process: videos the fast reader could not line up
         self._no_skip: set[int] = set()  # per process: videos whose reads skipping non-reference frames cut short
-        self._scale_ok: set[int] = set()  # per process: videos decord was seen to scale to the right shape
-        self._no_scale: set[int] = set()  # per process: videos it scales to a wrong shape (decoded full size)
+        self._scales_right: dict[int, bool] = {}  # per process: whether decord's scaler gave a video's frames the right shape
         self.use_fast = os.environ.get("VCC_READER", "").lower() != "decord"
         self._last_clip: tuple[tuple[int, int], np.ndarray] | None = None  # test: the crops of one clip share its frames
         self._reported = multiprocessing.Array("b", max(1, len(entries)), lock=False)  # failure logged (any process)
@@ -111,21 +110,17 @@ class ClipDataset(Dataset):
             self._readers.move_to_end(vid)
             return self._readers[vid]
         e = self.entries[vid]
-        reader = None
+        kw: dict[str, int] = {}
         if self._decoder_scales(vid):
-            w, h = transforms.resized_shape(e.width, e.height, self.short)
-            if vid not in self._scale_ok:
-                # decord's scaler returns frames of the wrong shape for some widths (8, 12, 16, 24,
-                # 48, 72 ... px: every one of `get_batch`'s reads fails): try one frame first, on a
-                # reader of its own, and decode this video at full size (resized after) if it is off
-                if tuple(decord.VideoReader(e.path, num_threads=1, width=w, height=h)[0].shape) == (h, w, 3):
-                    self._scale_ok.add(vid)
-                else:
-                    self._no_scale.add(vid)
-            if vid in self._scale_ok:
-                reader = decord.VideoReader(e.path, num_threads=1, width=w, height=h)
-        if reader is None:
-            reader = decord.VideoReader(e.path, num_threads=1)
+            kw["width"], kw["height"] = transforms.resized_shape(e.width, e.height, self.short)
+            if vid not in self._scales_right:
+                # decord's scaler pads some widths' rows too (probe.decord_rows_ok): try one frame,
+                # on a reader of its own, and decode this video at full size (resized after) if it is off
+                f = decord.VideoReader(e.path, num_threads=1, **kw)[0].asnumpy()
+                self._scales_right[vid] = decord_rows_ok(f) and f.shape[:2] == (kw["height"], kw["width"])
+                if not self._scales_right[vid]:
+                    kw = {}
+        reader = decord.VideoReader(e.path, num_threads=1, **kw)
         # an open decord reader keeps a decoder thread working ahead: keep only what test reuses
         keep = 0 if self.train else READER_CACHE
         self._readers[vid] = reader
@@ -137,10 +132,10 @@ class ClipDataset(Dataset):
         """Whether decord scales video `vid` while decoding. It scales every decoded frame, skipped
         ones included: for UCF101-sized videos that costs up to 2x the decode (bench/loader.py), so
         only huge videos are scaled by the decoder (bounding memory); the rest are resized after,
-        kept frames only. So are videos whose scaled shape decord gets wrong (`_no_scale`)."""
+        kept frames only. So are videos whose scaled frames decord gets wrong (`_scales_right`)."""
         e = self.entries[vid]
         return (e.width > 0 and e.height > 0 and min(e.width, e.height) > DECODE_SCALE_ABOVE * self.short
-                and vid not in self._no_scale)
+                and self._scales_right.get(vid, True))
 
     def _fast_reader(self, vid: int) -> FastReader | None:
         """The fast reader for video `vid`, or None when decord must read it."""

@@ -152,7 +152,7 @@ def probe_video(path: str | Path) -> Probe:
             if n <= 0:
                 return Probe(reason="undecodable: no video frames")
             first = vr[0].asnumpy()  # (get_batch raises for the widths this check names)
-            if first.ndim != 3 or first.shape[2] != 3:  # decord 0.6 pads some narrow RGB rows into extra "channels"
+            if not decord_rows_ok(first):
                 return Probe(reason=f"undecodable: decord misreads frames {first.shape[1]} px wide (a decord bug for some widths under 64 px)")
             fps = float(vr.get_avg_fps() or 0.0)
             del vr
@@ -171,6 +171,13 @@ def probe_video(path: str | Path) -> Probe:
         return Probe(n_frames=n, fps=round(fps, 3), width=int(first.shape[1]), height=int(first.shape[0]), **fast)
     except Exception as exc:  # noqa: BLE001 - decord raises its own types for every kind of bad file
         return Probe(reason=f"undecodable: {short_reason(exc)}")
+
+
+def decord_rows_ok(frame: np.ndarray) -> bool:
+    """Whether a frame decord returned is (H, W, 3) RGB. decord 0.6 pads the rows of some widths
+    (8, 12, 16, 24, 48, 72 px ..., native or asked of its scaler) into extra "channels", and then
+    every `get_batch` of that video fails."""
+    return frame.ndim == 3 and frame.shape[2] == 3
 
 
 def _decord_last(p: Path, n: int) -> np.ndarray:
