@@ -44,7 +44,7 @@ def main() -> None:
     from vcc.core.artefact import ModelMeta, input_spec
     from vcc.core.compress.prune import count_macs, prune_to_macs
     from vcc.core.compress.rank import rank
-    from vcc.core.inference import _KERNELS, fold_batchnorm
+    from vcc.core.inference import fold_batchnorm, kernel_candidates
     from vcc.core.models import build_model
     from vcc.core.sysinfo import device_name
 
@@ -82,7 +82,7 @@ def main() -> None:
         return int(out.numel() * k)
 
     def fastest(conv: nn.Conv3d, inp: torch.Tensor) -> float:
-        forms = [conv] + [cls.like(conv) for cls in _KERNELS.values()]
+        forms = [conv, *kernel_candidates(conv, inp).values()]
         best = float("inf")
         with torch.inference_mode():
             for f in forms:

@@ -13,8 +13,10 @@ from vcc.core import inference
 from vcc.core.inference import (
     OneDNNConv3d,
     PackedOneDNNConv3d,
+    TimeFoldedConv3d,
     fold_batchnorm,
     inference_form,
+    kernel_candidates,
     select_cpu_kernels,
 )
 from vcc.core.models import build_model, list_models
@@ -100,6 +102,55 @@ def test_packed_conv3d_follows_its_weight_and_autograd() -> None:
     with torch.inference_mode():
         assert torch.allclose(twin(x), conv(x), atol=1e-5)
     assert twin.weight is not conv.weight
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "frames"), [((3, 7, 7), (1, 2, 2), (1, 3, 3), 8), (3, 1, 1, 6), (3, 2, 1, 8),
+                                                                   ((1, 3, 3), 1, (0, 1, 1), 4), ((3, 1, 1), (2, 1, 1), (1, 0, 0), 7)])
+@pytest.mark.parametrize("fold", [2, 4])
+def test_time_folded_conv3d_is_the_same_function(kernel, stride, padding, frames, fold) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv3d(3, 5, kernel, stride=stride, padding=padding).eval()
+    x = torch.randn(1, 3, frames, 12, 12)
+    folded = TimeFoldedConv3d.like(conv, fold)
+    assert folded.state_dict().keys() == conv.state_dict().keys()
+    with torch.inference_mode():
+        ref = conv(x)
+        assert TimeFoldedConv3d.fits(conv, x, fold) == (ref.shape[2] % fold == 0)
+        assert folded(x).shape == ref.shape and torch.allclose(folded(x), ref, atol=1e-5)  # folded, or the default path
+        if TimeFoldedConv3d.fits(conv, x, fold):  # it really ran the folded conv: its cache was built
+            assert folded._folded_w.shape[0] == fold * 5
+        assert torch.allclose(folded(x[:1, :, :5]), conv(x[:1, :, :5]), atol=1e-5)  # a shape it may not divide
+
+
+def test_time_folded_conv3d_follows_its_weight_autograd_and_copies() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv3d(3, 4, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False)
+    folded = TimeFoldedConv3d.like(conv, 2)
+    x = torch.randn(1, 3, 4, 16, 16)
+    with torch.inference_mode():
+        first = folded(x)
+    with torch.no_grad():
+        conv.weight.mul_(-1.0)  # changed in place: the folded copy is rebuilt
+    with torch.inference_mode():
+        assert torch.allclose(folded(x), conv(x), atol=1e-5) and torch.allclose(folded(x), -first, atol=1e-5)
+    folded(x).sum().backward()  # autograd takes the default path
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    twin = copy.deepcopy(folded)
+    assert twin.fold == 2 and twin.weight is not conv.weight and not hasattr(twin, "_folded_w")
+    with torch.inference_mode():
+        assert torch.allclose(twin(x), conv(x), atol=1e-5)
+    assert "fold=2" in repr(folded)
+
+
+def test_kernel_candidates_fold_only_narrow_convs_that_divide() -> None:
+    x = torch.randn(1, 3, 8, 16, 16)
+    stem = nn.Conv3d(3, 4, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3))
+    assert set(kernel_candidates(stem, x)) == {"onednn", "packed", "fold2", "fold4"}
+    assert set(kernel_candidates(nn.Conv3d(3, 8, 3, padding=1), x)) == {"onednn", "packed", "fold2"}  # 4 x 8 is too wide
+    assert set(kernel_candidates(nn.Conv3d(3, 16, 3, padding=1), x)) == {"onednn", "packed"}
+    assert "fold2" not in kernel_candidates(nn.Conv3d(3, 4, 3, padding=1), x[:, :, :7])  # 7 frames out: no 2-fold
+    assert not TimeFoldedConv3d.fits(nn.Conv3d(4, 4, 3, padding=1, groups=2), x, 2)
+    assert not TimeFoldedConv3d.fits(nn.Conv3d(3, 4, 3, padding=2, dilation=2), x, 2)
 
 
 def test_select_cpu_kernels_swaps_what_it_chose_and_keeps_outputs() -> None:

@@ -27,7 +27,7 @@ from torch import fx, nn
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MARGIN = 0.9  # another kernel replaces the default one only when it takes < 90% of its time
-_CHOICES: dict[tuple, str] = {}  # per process: (shapes, conv options, threads) -> "default", "onednn" or "packed"
+_CHOICES: dict[tuple, str] = {}  # per process: (shapes, conv options, threads) -> "default" or a kernel_candidates name
 
 
 class OneDNNConv3d(nn.Conv3d):
@@ -91,7 +91,98 @@ class PackedOneDNNConv3d(OneDNNConv3d):
         return new
 
 
-_KERNELS: dict[str, type[OneDNNConv3d]] = {"onednn": OneDNNConv3d, "packed": PackedOneDNNConv3d}
+class TimeFoldedConv3d(nn.Conv3d):
+    """A Conv3d that computes `fold` consecutive output frames as `fold`x the output channels of one conv.
+
+    CPU conv kernels vectorise over output channels in blocks (oneDNN on AVX-512: 16 float32
+    lanes), so a conv with 9 output channels costs what one with 16 does, and pruning a narrow
+    conv (r3d's 16-channel stem) buys no time. Folding time into channels fills the lanes: output
+    frame f·t + j comes from output channel block j of a conv with temporal stride f·s and a
+    kernel f-1 strides deeper (zeros outside each block's own taps; (kt + (f-1)·s) / kt of the
+    MACs), run on 1/f of the frames. It pays only for narrow convs, so
+    :func:`select_cpu_kernels` keeps it where it times faster. The same function as nn.Conv3d,
+    same state dict; shapes it does not divide, autograd, other devices and dtypes and
+    torch.compile take the default path.
+    """
+
+    fold: int = 2
+
+    @classmethod
+    def fits(cls, conv: nn.Conv3d, x: torch.Tensor, fold: int) -> bool:
+        """Whether `conv` on `x` can be folded `fold`-fold: one group, no temporal dilation, output frames divisible by `fold`."""
+        if conv.groups != 1 or conv.dilation[0] != 1 or isinstance(conv.padding, str) or x.dim() != 5:
+            return False
+        frames = (x.shape[2] + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        return frames > 0 and frames % fold == 0
+
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = self.bias
+        key = (self.weight._version, id(self.weight), None if bias is None else (bias._version, id(bias)))
+        if getattr(self, "_folded_key", None) != key:
+            f, s = self.fold, self.stride[0]
+            w = self.weight.detach()
+            out, inp, kt = w.shape[:3]
+            wf = w.new_zeros(f, out, inp, kt + (f - 1) * s, *w.shape[3:])
+            for j in range(f):
+                wf[j, :, :, j * s:j * s + kt] = w
+            self._folded_w = wf.reshape(f * out, inp, kt + (f - 1) * s, *w.shape[3:])
+            self._folded_b = None if bias is None else bias.detach().repeat(f)
+            self._folded_key = key
+        return self._folded_w, self._folded_b
+
+    def _default_path(self, x: torch.Tensor) -> bool:
+        return (x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                or not self.fits(self, x, self.fold))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._default_path(x):
+            return super().forward(x)
+        w, b = self._folded()
+        f = self.fold
+        y = torch.nn.functional.conv3d(x, w, b, (f * self.stride[0], *self.stride[1:]), self.padding, self.dilation)
+        n, _, t, h, wd = y.shape
+        return y.view(n, f, self.out_channels, t, h, wd).permute(0, 2, 3, 1, 4, 5).reshape(n, self.out_channels, t * f, h, wd)
+
+    @classmethod
+    def like(cls, conv: nn.Conv3d, fold: int = 2) -> TimeFoldedConv3d:
+        """A TimeFoldedConv3d of `fold` frames sharing `conv`'s parameters."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, bias=conv.bias is not None, device="meta")
+        new.fold = fold
+        new.weight = conv.weight
+        new.bias = conv.bias
+        return new
+
+    def __deepcopy__(self, memo: dict) -> TimeFoldedConv3d:  # the folded weight is a cache: not copied
+        new = TimeFoldedConv3d.like(self, self.fold)
+        new.weight = copy.deepcopy(self.weight, memo)
+        new.bias = copy.deepcopy(self.bias, memo)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fold={self.fold}"
+
+
+FOLDS = (2, 4)  # time-fold factors tried for convs whose folded width stays narrow
+FOLD_WIDTH = 16  # ... to at most this many output channels (one AVX-512 block of float32: wider folds lost when timed)
+
+
+def kernel_candidates(conv: nn.Conv3d, x: torch.Tensor) -> dict[str, nn.Module]:
+    """The alternative kernels for `conv` on `x`, by name, each sharing its parameters: oneDNN,
+    oneDNN on a packed weight, and time-folded by each of FOLDS where it fits and stays narrow."""
+    out: dict[str, nn.Module] = {"onednn": OneDNNConv3d.like(conv), "packed": PackedOneDNNConv3d.like(conv)}
+    for f in FOLDS:
+        if f * conv.out_channels <= FOLD_WIDTH and TimeFoldedConv3d.fits(conv, x, f):
+            out[f"fold{f}"] = TimeFoldedConv3d.like(conv, f)
+    return out
+
+
+def _make(kind: str, conv: nn.Conv3d) -> nn.Module:
+    """The kernel called `kind` (a name from :func:`kernel_candidates`) for `conv`."""
+    if kind.startswith("fold"):
+        return TimeFoldedConv3d.like(conv, int(kind[4:]))
+    return {"onednn": OneDNNConv3d, "packed": PackedOneDNNConv3d}[kind].like(conv)
 
 
 class _LeafTracer(fx.Tracer):
@@ -199,10 +290,10 @@ def _conv_ms(conv: nn.Module, x: torch.Tensor, runs: int) -> float:
 
 
 def select_cpu_kernels(model: nn.Module, example: torch.Tensor, runs: int = 3) -> int:
-    """Swap (in place) each float32 CPU Conv3d of `model` for a :class:`OneDNNConv3d` or a
-    :class:`PackedOneDNNConv3d` where that kernel is faster than PyTorch's choice.
+    """Swap (in place) each float32 CPU Conv3d of `model` for a :class:`OneDNNConv3d`, a
+    :class:`PackedOneDNNConv3d` or a :class:`TimeFoldedConv3d` where that kernel is faster than PyTorch's choice.
 
-    Each conv is timed with the three kernels on its own input from one forward of `example` (the
+    Each conv is timed with PyTorch's kernel and each of :func:`kernel_candidates` on its own input from one forward of `example` (the
     choice is for that shape; any other shape still computes the same function). Choices are
     remembered per process by shapes, options and thread count. Returns the number of convs swapped.
     """
@@ -231,14 +322,14 @@ def select_cpu_kernels(model: nn.Module, example: torch.Tensor, runs: int = 3) -
             key = _choice_key(conv, x)
             if key not in _CHOICES:
                 times = {"default": _conv_ms(conv, x, runs)}  # PyTorch's own choice
-                for kind, cls in _KERNELS.items():
+                for kind, alt in kernel_candidates(conv, x).items():
                     try:
-                        times[kind] = _conv_ms(cls.like(conv), x, runs) / MARGIN
+                        times[kind] = _conv_ms(alt, x, runs) / MARGIN
                     except (RuntimeError, NotImplementedError, AttributeError):  # a build without this oneDNN op
                         pass
                 _CHOICES[key] = min(times, key=times.__getitem__)
             if _CHOICES[key] != "default":
-                _set_module(model, name, _KERNELS[_CHOICES[key]].like(conv))
+                _set_module(model, name, _make(_CHOICES[key], conv))
                 swapped += 1
     return swapped
 
