@@ -118,10 +118,10 @@ def test_scan_refuses_what_it_cannot_match(videos: dict[str, Path], tmp_path: Pa
     pr = probe_video(path)
     first, last = _linear(path)[0], _linear(path)[-1]
     assert fastread.scan(path, pr.n_frames, first, last) == (pr.keys, pr.pts, pr.skip_gap)
-    assert fastread.scan(path, pr.n_frames + 1, first, last) is None  # decord counts another frame
-    assert fastread.scan(path, pr.n_frames, np.zeros_like(first), last) is None  # other pixels
-    assert fastread.scan(path, pr.n_frames, first, first) is None
-    assert fastread.scan(str(tmp_path / "missing.avi"), 10, first, last) is None
+    assert isinstance(fastread.scan(path, pr.n_frames + 1, first, last), str)  # decord counts another frame
+    assert fastread.scan(path, pr.n_frames, np.zeros_like(first), last) == fastread.PIXELS_DIFFER  # other pixels
+    assert fastread.scan(path, pr.n_frames, first, first) == fastread.PIXELS_DIFFER
+    assert isinstance(fastread.scan(str(tmp_path / "missing.avi"), 10, first, last), str)
     # full-range JPEG frames (yuvj420p): not a format whose conversion was checked; decord reads them
     mjpeg = _encode(tmp_path / "m.avi", "mjpeg", {}, frames=12, pix_fmt="yuvj420p")
     pm = probe_video(mjpeg)

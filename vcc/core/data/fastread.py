@@ -104,16 +104,10 @@ def unpack_pts(packed: str) -> np.ndarray:
 PIXELS_DIFFER = "first or last frame differs from decord's"
 
 
-def scan(path: str, n_frames: int, first: np.ndarray, last: np.ndarray) -> Scan | None:
-    """What :class:`FastReader` needs to read a video exactly as decord does, or ``None`` when it
-    cannot (:func:`scan_or_reason` says why). `first` and `last` are decord's frames 0 and n-1."""
-    found = scan_or_reason(path, n_frames, first, last)
-    return found if isinstance(found, Scan) else None
-
-
-def scan_or_reason(path: str, n_frames: int, first: np.ndarray, last: np.ndarray) -> Scan | str:
-    """:func:`scan`'s result, or why the fast reader cannot read the video (:data:`PIXELS_DIFFER`
-    when only the pixels of frame 0 or n-1 disagree with decord's).
+def scan(path: str, n_frames: int, first: np.ndarray, last: np.ndarray) -> Scan | str:
+    """What :class:`FastReader` needs to read a video exactly as decord does, or why it cannot (a
+    string; :data:`PIXELS_DIFFER` when only the pixels of frame 0 or n-1 disagree with decord's).
+    `first` and `last` are decord's frames 0 and n-1.
 
     One linear decode numbers the frames in output order (decord's numbering) and records every
     frame's timestamp and the keyframes; a video with B-frames is decoded once more with

@@ -45,6 +45,11 @@ class VideoEntry:
     pts: str | None = None  # timestamps for the fast reader (fastread.pack_pts; None: it counts frames)
     skip_gap: int = 0  # fastread.Scan.skip_gap (0: the fast reader decodes every frame)
 
+    @classmethod
+    def from_probe(cls, path: str, label: int, split: str, probe: Any) -> VideoEntry:
+        """The entry of a video as :func:`vcc.core.data.probe.probe_video` found it (a usable Probe)."""
+        return cls(path, label, split, probe.n_frames, probe.fps, probe.width, probe.height, probe.keys, probe.pts, probe.skip_gap)
+
 
 @dataclass
 class DatasetInfo:

@@ -206,7 +206,7 @@ def _build(
         elif pr.n_frames < min_frames:
             skipped.append({"path": str(path), "reason": f"too short ({pr.n_frames} frames < {min_frames})"})
         else:
-            entries.append(VideoEntry(str(path), label, split, pr.n_frames, pr.fps, pr.width, pr.height, pr.keys, pr.pts, pr.skip_gap))
+            entries.append(VideoEntry.from_probe(str(path), label, split, pr))
     if split_auto is not None:
         _assign_splits(entries, classes, *split_auto)
     if holdout > 0:

@@ -153,11 +153,11 @@ def probe_video(path: str | Path) -> Probe:
                 return Probe(reason="undecodable: no video frames")
             first = vr[0].asnumpy()  # (get_batch raises for the widths this check names)
             if not decord_rows_ok(first):
-                return Probe(reason=f"undecodable: decord misreads frames {first.shape[1]} px wide (a decord bug for some widths under 64 px)")
+                return Probe(reason=f"undecodable: decord misreads frames {first.shape[1]} px wide (a decord bug at a few narrow widths, such as 48 or 72 px)")
             fps = float(vr.get_avg_fps() or 0.0)
             del vr
             last = _decord_last(p, n)
-        sc = fastread.scan_or_reason(str(p), n, first, last)
+        sc = fastread.scan(str(p), n, first, last)
         for _ in range(2):  # decord 0.6 now and then returns a wrong frame: a pixel mismatch is read again
             if sc != fastread.PIXELS_DIFFER:
                 break
@@ -166,7 +166,7 @@ def probe_video(path: str | Path) -> Probe:
             if np.array_equal(again[0], first) and np.array_equal(again[1], last):
                 break  # decord reads the same: the fast reader does not match it
             first, last = again
-            sc = fastread.scan_or_reason(str(p), n, first, last)
+            sc = fastread.scan(str(p), n, first, last)
         fast = sc._asdict() if isinstance(sc, fastread.Scan) else {}
         return Probe(n_frames=n, fps=round(fps, 3), width=int(first.shape[1]), height=int(first.shape[0]), **fast)
     except Exception as exc:  # noqa: BLE001 - decord raises its own types for every kind of bad file

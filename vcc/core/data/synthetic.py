@@ -76,7 +76,7 @@ def prepare_synthetic(
         near = sorted((c for c in range(max(16, size - 16), size + 18, 2) if c != size and decord_reads_size(c)),
                       key=lambda c: (abs(c - size), c))[:2]
         raise UsageError(f"--size {size}: decord 0.6 misreads videos of this width (its RGB rows are padded by a "
-                         f"pixel or more, a decord bug under 64 px); try --size {' or '.join(map(str, sorted(near)))}")
+                         f"pixel or more, a decord bug at a few narrow widths); try --size {' or '.join(map(str, sorted(near)))}")
     folder = ws.dataset_dir(name)
     check_holdout(holdout)
     options = {"classes": classes, "videos_per_class": videos_per_class, "frames": frames, "size": size, "seed": seed, "generator": 8}
@@ -106,10 +106,11 @@ def prepare_synthetic(
                 if progress:
                     progress("generate", done, total, {"class": motion})
         # the fast reader's keyframes (and decord's own frame count), as any prepare probes them
-        for e, pr in zip(entries, probe_many([Path(e.path) for e in entries], progress=progress), strict=True):
+        probes = probe_many([Path(e.path) for e in entries], progress=progress)
+        for i, (e, pr) in enumerate(zip(entries, probes, strict=True)):
             if not pr.ok:
                 raise VccError(f"a generated video does not read back ({e.path}: {pr.reason})")
-            e.n_frames, e.keys, e.pts, e.skip_gap = pr.n_frames, pr.keys, pr.pts, pr.skip_gap
+            entries[i] = VideoEntry.from_probe(e.path, e.label, e.split, pr)
         if holdout > 0:
             hold_out(entries, class_names, holdout)
         counts = write_dataset(tmp, name, class_names, entries, source="synthetic", options=options)
@@ -119,8 +120,8 @@ def prepare_synthetic(
 @functools.cache
 def decord_reads_size(size: int) -> bool:
     """Whether decord reads back a `size` x `size` video this module encodes: decord 0.6 takes the
-    channel count from the padded RGB row length, so some widths under 64 px come back as 4 or 6
-    channels (16, 24 and 48 on x86-64). Checked once per size with a 2-frame file."""
+    channel count from the padded RGB row length, so a few narrow widths come back as 4 or 6
+    channels (16, 24, 48 and 72 on x86-64). Checked once per size with a 2-frame file."""
     import tempfile
 
     import decord
