@@ -343,3 +343,13 @@ def test_cli_prune_rejects_bad_round_to(ws, tiny_model: Path) -> None:
                               "--round-to", "0", "--name", "bad"])
     assert res.exit_code == 2
     assert not (ws.runs_dir / "bad").exists()
+
+
+def test_compare_table_shows_accuracies_in_percent() -> None:
+    # the summaries (and JSON) keep fractions; the human table shows % like `vcc eval`, ratios stay ratios
+    from vcc.core.compress import compare_table
+
+    t = compare_table({"params": 100, "video_top1": 0.875, "clip_top1": 0.5}, {"params": 50, "video_top1": 0.9375, "clip_top1": None})
+    rows = {r[0]: r[1:] for r in t.rows}
+    assert rows["video top-1 %"] == [87.5, 93.75, round(0.9375 / 0.875, 4)]
+    assert rows["clip top-1 %"] == [50.0, None, None] and rows["params"] == [100, 50, 0.5]

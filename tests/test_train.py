@@ -524,7 +524,7 @@ def test_exits_option_delegates_and_eval_threshold(ws, tiny_synthetic, tiny_mode
     assert doc["selected_on"] == "last" and doc["best_epoch"] == doc["epochs"] == 3
     assert Path(doc["best"]).read_bytes() == Path(doc["model"]).read_bytes() == Path(doc["last"]).read_bytes()
     table = " ".join(_cli(ws, *pkd, "--name", "ee3").stdout.split())
-    assert "model: the last epoch (3)" in table and "lowest train loss" not in table and "val video top-1 per exit" in table
+    assert "model: the last epoch (3)" in table and "lowest train loss" not in table and "val video top-1 % per exit" in table
     out = _cli(ws, "eval", "ee", "--data", str(tiny_synthetic), "--threshold", "0.5", "--clips", "1", "-f", "json")
     ev = json.loads(out.stdout)
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["videos"] == 8

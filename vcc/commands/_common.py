@@ -184,7 +184,7 @@ def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
 
 def fit_report(res: Any, title: str, doc: dict[str, Any] | None = None) -> Report:
     """The per-epoch table and JSON document of a finished `vcc train` / `vcc finetune` run."""
-    from vcc.core.report import Report, Table
+    from vcc.core.report import Report, Table, percent
 
     fr = res.fit
     best = fr.best or {}
@@ -194,17 +194,18 @@ def fit_report(res: Any, title: str, doc: dict[str, Any] | None = None) -> Repor
         "video_top1": best.get("val_video_top1"), "selected_on": fr.selected_on, "history": fr.history,
     }
     exits = any("val_exit_top1" in h for h in fr.history)  # early-exit heads: one accuracy per exit
-    val_col = "val video top-1 per exit" if exits else "val video top-1"
-    table = Table(["epoch", "train loss", "train acc", val_col, "clips/s", "time s"], title=title)
+    val_col = "val video top-1 % per exit" if exits else "val video top-1 %"
+    table = Table(["epoch", "train loss", "train acc %", val_col, "clips/s", "time s"], title=title)
     for h in fr.history:
-        val = "/".join(f"{v:.3g}" for v in h["val_exit_top1"]) if exits and h.get("val_exit_top1") else h.get("val_video_top1")
-        table.add(h.get("epoch"), h.get("train_loss"), h.get("train_acc"), val, h.get("clips_per_s"), h.get("time_s"))
+        val = ("/".join(f"{percent(v, 1):g}" for v in h["val_exit_top1"]) if exits and h.get("val_exit_top1")
+               else percent(h.get("val_video_top1")))
+        table.add(h.get("epoch"), h.get("train_loss"), percent(h.get("train_acc")), val, h.get("clips_per_s"), h.get("time_s"))
     notes = list(getattr(res, "notes", []) or [])
     if best and fr.selected_on == "last":
         notes.append(f"model: the last epoch ({best.get('epoch')}), the exit heads after their whole schedule of teachers; "
                      f"epochs are not picked by loss or accuracy; model: {fr.model_path}")
     elif best:
-        score = (f"val video top-1 {best['val_video_top1']}" if best.get("val_video_top1") is not None
+        score = (f"val video top-1 {percent(best['val_video_top1'])}%" if best.get("val_video_top1") is not None
                  else f"lowest train loss {best.get('train_loss')} (no validation split)")
         notes.append(f"best epoch {best.get('epoch')}: {score}; model: {fr.model_path}")
     failed = sum(int(h.get("load_failures", 0)) for h in fr.history)

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         """
         from vcc.commands._common import ProgressHook, log, progress, render, workspace
         from vcc.core.demo import run_demo
-        from vcc.core.report import Report, Table
+        from vcc.core.report import Report, Table, percent
         from vcc.core.workspace import check_name
 
         check_name(prefix, "prefix")
@@ -38,10 +38,10 @@ def register(app: typer.Typer) -> None:
         log(f"workspace: {ws.root}")
         with progress(transient=True) as prog:
             res = run_demo(ws, quick=quick, prefix=prefix, progress=ProgressHook(prog), log=log)
-        table = Table(["stage", "run", "params", "MACs", "CPU latency ms (batch 1)", "video top-1"],
+        table = Table(["stage", "run", "params", "MACs", "CPU latency ms (batch 1)", "video top-1 %"],
                       title="vcc demo: one clip of 3x8x32x32 per forward, MACs = multiply-accumulates")
         for r in res.rows:
-            table.add(r["stage"], r["run"], r["params"], r["macs"], r["latency_ms"], r["video_top1"])
+            table.add(r["stage"], r["run"], r["params"], r["macs"], r["latency_ms"], percent(r["video_top1"]))
         notes = [f"dataset {res.dataset}; total {res.timings.get('total')} s; "
                  + ", ".join(f"{k} {v} s" for k, v in res.timings.items() if k != "total")]
         vib = next((r for r in res.rows if "lstm_params_after" in r), None)

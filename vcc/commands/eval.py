@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from vcc.core.data.manifest import load_dataset
         from vcc.core.errors import UsageError
         from vcc.core.evaluate import evaluate
-        from vcc.core.report import Report, Table
+        from vcc.core.report import Report, Table, percent
         from vcc.core.training import check_classes, resolve_device
         from vcc.core.workspace import atomic_write_text
 
@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         shown = model if path.name != Path(model).name else path.name  # the run name as typed, else the file
         summary = Table(["metric", "value"], title=f"{shown} on {info.name}/{split}")
         for key in ("clip_top1", "clip_top5", "video_top1", "video_top5"):
-            summary.add(key.replace("_", " "), round(100 * res[key], 2))
+            summary.add(key.replace("_", " "), percent(res[key]))
         summary.add("videos", res["videos"])
         summary.add("clips", res["clips"])
         summary.add("latency ms (batch 1)", res["latency_ms"])
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
         counts = [sum(row) for row in res["confusion"]]
         for c, n in zip(info.classes, counts, strict=True):
             acc = res["per_class"][c]
-            per_class.add(c, n, None if acc is None else round(100 * acc, 2))
+            per_class.add(c, n, percent(acc))
         notes = [f"accuracies in %; confusion matrix: {cm_path or 'not saved'}"]
         missing = res["videos_in_split"] - res["videos"]
         if missing > 0:
@@ -116,11 +116,11 @@ def register(app: typer.Typer) -> None:
 
 def _early_exit_report(res: dict, title: str):
     """`vcc eval --threshold`: the same conventions as a plain eval (accuracies in %, exact MACs)."""
-    from vcc.core.report import Report, Table
+    from vcc.core.report import Report, Table, percent
 
     summary = Table(["metric", "value"], title=title)
-    summary.add("video top1", round(100 * res["accuracy"], 2))
-    summary.add("clip top1", round(100 * res["clip_accuracy"], 2))
+    summary.add("video top1", percent(res["accuracy"]))
+    summary.add("clip top1", percent(res["clip_accuracy"]))
     summary.add("videos", res["videos"])
     summary.add("clips", res["clips"])
     summary.add("MACs per clip (average)", int(round(res["macs"])))
@@ -130,6 +130,6 @@ def _early_exit_report(res: dict, title: str):
     summary.add("latency ms (batch 1, mean)", round(res["latency_mean_ms"], 3))
     exits = Table(["exit", "stage", "cumulative MACs", "clips leaving %"], title="exits")
     for i, row in enumerate(res["exits"]):
-        exits.add(i + 1, row.get("stage"), int(row["macs"]), round(100 * row["share"], 1))
+        exits.add(i + 1, row.get("stage"), int(row["macs"]), percent(row["share"], 1))
     notes = ["accuracies in %; every clip pays the MACs of everything it ran, the exit heads it passed included"]
     return Report(res, [summary, exits], notes)

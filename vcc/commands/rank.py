@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         from vcc.core.compress.rank import DATA_METHODS, layer_table, save_ranking
         from vcc.core.compress.rank import rank as rank_fn
         from vcc.core.errors import UsageError
-        from vcc.core.report import Report, Table
+        from vcc.core.report import Report, Table, percent
         from vcc.core.workspace import atomic_dir
 
         ws = workspace()
@@ -102,8 +102,8 @@ def register(app: typer.Typer) -> None:
         tables = [table]
         if rows is not None:
             doc["sensitivity"] = rows
-            tables.append(Table(["layer", "coupled convs", "channels", "ratio", "removed", "MACs", "video top-1"],
-                                [[r["layer"], r["coupled"], r["channels"], r["ratio"], r["removed"], r["macs"], r["video_top1"]] for r in rows],
+            tables.append(Table(["layer", "coupled convs", "channels", "ratio", "removed", "MACs", "video top-1 %"],
+                                [[r["layer"], r["coupled"], r["channels"], r["ratio"], r["removed"], r["macs"], percent(r["video_top1"])] for r in rows],
                                 title="Sensitivity: one channel group pruned at a time, no retraining"))
         use = written["ranking"] if out else run_name  # a run made here is named; a file given is itself
         render(Report(doc, tables, [f"prune with it: vcc prune {model} --ranking {use} --target-macs 0.5 (or --ratio R)"]), fmt)

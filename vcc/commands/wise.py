@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _report(doc: dict):
-    from vcc.core.report import Report, Table, human_count
+    from vcc.core.report import Report, Table, human_count, percent
 
     full = doc["full"]
     n_exits = len(doc["exits"])
@@ -75,8 +75,8 @@ def _report(doc: dict):
     for method, rows in doc["methods"].items():
         for r in rows:
             pct = round(100 * r["macs"] / full["macs"], 1) if full["macs"] else None
-            t.add(method, r["threshold"], round(100 * r["accuracy"], 2), int(round(r["macs"])), pct,
-                  *[round(100 * v, 1) for v in r["exits"]])
+            t.add(method, r["threshold"], percent(r["accuracy"]), int(round(r["macs"])), pct,
+                  *[percent(v, 1) for v in r["exits"]])
     tables = [t]
     ex = Table(["exit", "stage", "cumulative MACs", "WISE weights (exits 1..k)"], title="exits")
     for row, w in zip(doc["exits"], doc["wise_weights"], strict=False):

@@ -53,6 +53,13 @@ def fmt_value(v: Any) -> str:
     return str(v)
 
 
+def percent(fraction: float | None, digits: int = 2) -> float | None:
+    """A fraction as a percentage for a human table (0.97917 -> 97.92); None stays None.
+
+    Tables show accuracies and shares in %; the JSON documents keep fractions."""
+    return None if fraction is None else round(100.0 * fraction, digits)
+
+
 def human_count(n: float, unit: str = "") -> str:
     """1234567 -> '1.23 M'; used for MACs and parameter counts."""
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):

@@ -12,15 +12,16 @@ COMPARE_ROWS = (
     ("nonzero_params", "non-zero params"),
     ("macs", "MACs"),
     ("latency_ms", "CPU latency ms (batch 1)"),
-    ("video_top1", "video top-1"),
-    ("clip_top1", "clip top-1"),
+    ("video_top1", "video top-1 %"),
+    ("clip_top1", "clip top-1 %"),
 )
+PERCENT_ROWS = {"video_top1", "clip_top1"}  # fractions in the summaries, % in the table
 
 
 def compare_table(before: dict[str, Any], after: dict[str, Any], title: str = "before -> after", after_label: str = "after"):
     """A Table of metric, before, after, after/before for the keys both summaries have (`after_label`
     names the after column, e.g. "after (dense port)" where it is not the saved model itself)."""
-    from vcc.core.report import Table
+    from vcc.core.report import Table, percent
 
     t = Table(["metric", "before", after_label, f"{after_label}/before"], title=title)
     for key, label in COMPARE_ROWS:
@@ -28,5 +29,7 @@ def compare_table(before: dict[str, Any], after: dict[str, Any], title: str = "b
             continue
         b, a = before.get(key, before.get("params") if key == "nonzero_params" else None), after.get(key)
         ratio = round(a / b, 4) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+        if key in PERCENT_ROWS:
+            b, a = percent(b), percent(a)
         t.add(label, b, a, ratio)
     return t
