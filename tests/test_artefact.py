@@ -13,11 +13,14 @@ from torch import nn
 from tests.conftest import SHARED_VIDEOS
 from vcc.core.artefact import (
     ModelMeta,
+    dataset_ref,
     input_spec,
     load_model,
     load_tensors,
+    provenance,
     read_doc,
     read_model_meta,
+    recorded_dataset,
     save_model,
     save_tensors,
 )
@@ -138,6 +141,36 @@ def test_resolve_model_by_run_name(tmp_path: Path) -> None:
         ws.resolve_model(str(tmp_path / "missing.safetensors"))
     with pytest.raises(VccError, match=r"run 'r1' has no last\.safetensors: it holds model\.safetensors"):
         ws.resolve_model("r1:last")  # a run without that file is named as such, not as an unknown run
+
+
+def test_artefacts_record_their_dataset_and_children_inherit_it(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from vcc.core.errors import UsageError
+
+    ws = Workspace(tmp_path / "ws")
+    folder = ws.datasets_dir / "syn"
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_text("{}")
+    parent, child, other = tmp_path / "p.safetensors", tmp_path / "c.safetensors", tmp_path / "o.safetensors"
+    meta = _meta()
+    meta.provenance = provenance(dataset=dataset_ref(SimpleNamespace(name="syn", root=folder)))
+    save_model(parent, build_model("r3d_tiny", 5), meta)
+    meta.provenance = provenance(parent=parent)  # made from the parent, with no dataset of its own
+    save_model(child, build_model("r3d_tiny", 5), meta)
+    assert recorded_dataset(child) == {"name": "syn", "path": str(folder.resolve())} == recorded_dataset(read_model_meta(child))
+    meta.provenance = provenance(parent=parent, dataset={"name": "ucf", "path": "/nowhere"})  # its own dataset wins
+    save_model(other, build_model("r3d_tiny", 5), meta)
+    assert recorded_dataset(other)["name"] == "ucf" and recorded_dataset(tmp_path / "missing.safetensors") is None
+
+    assert ws.resolve_dataset_of(None, recorded_dataset(child), "c") == folder.resolve()
+    assert ws.resolve_dataset_of("syn", None, "c") == folder  # --data always wins
+    moved = {"name": "syn", "path": str(tmp_path / "gone")}  # the folder moved, the name is still here
+    assert ws.resolve_dataset_of(None, moved, "c") == ws.datasets_dir / "syn"
+    with pytest.raises(UsageError, match=r"made with dataset 'ucf' \(/nowhere\), which is not there any more: give --data"):
+        ws.resolve_dataset_of(None, recorded_dataset(other), "o")
+    with pytest.raises(UsageError, match="--data is required: m does not record the dataset"):
+        ws.resolve_dataset_of(None, None, "m")
 
 
 def test_new_run_dir_refuses_an_existing_run(tmp_path: Path) -> None:

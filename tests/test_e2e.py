@@ -52,7 +52,9 @@ def test_pipeline_through_the_cli(tmp_path: Path) -> None:
     port = vcc_json(ws, "port", "pruned-ft", "--name", "pruned-dense", "--latency-runs", "2")
     assert port["changed"] is False  # physically pruned already: ports to an equal artefact
 
-    ev = vcc_json(ws, "eval", "pruned-dense", "--data", "syn", "--clips", "2", "--device", "cpu")
+    # no --data: the dataset recorded in the artefact, handed down base -> pruned -> pruned-ft -> pruned-dense
+    ev = vcc_json(ws, "eval", "pruned-dense", "--clips", "2", "--device", "cpu")
+    assert ev["dataset"] == "syn"
     for key in ("clip_top1", "clip_top5", "video_top1", "video_top5", "latency_ms", "clips_per_s"):
         assert key in ev
     assert 0.0 <= ev["video_top1"] <= 1.0 and ev["videos"] == prep["counts"]["test"]
@@ -70,13 +72,13 @@ def test_pipeline_through_the_cli(tmp_path: Path) -> None:
     assert dense["max_abs_diff"] <= 1e-4
 
     # Early exits on the trained backbone, WISE, and an early-exit eval.
-    proc = run_vcc("-w", str(ws), "train", "--data", "syn", "--init", "base", "--exits", "auto", "--kd", "progressive",
+    proc = run_vcc("-w", str(ws), "train", "--init", "base", "--exits", "auto", "--kd", "progressive",
                    "--name", "exits", "--epochs", "1", "--device", "cpu", "--workers", "0", "--batch-size", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     exit_macs = vcc_json(ws, "macs", "exits")
     cum = [e["macs"] for e in exit_macs["exits"]]
     assert cum == sorted(cum) and len(cum) >= 2
-    wise = vcc_json(ws, "wise", "exits", "--data", "syn", "--iters", "20", "--thresholds", "0:1.1:3", "--device", "cpu")
+    wise = vcc_json(ws, "wise", "exits", "--iters", "20", "--thresholds", "0:1.1:3", "--device", "cpu")
     assert set(wise["methods"]) >= {"wise", "vanilla", "constant"}
     assert [r["threshold"] for r in wise["methods"]["wise"]] == pytest.approx([0.0, 0.55, 1.1])
     assert wise["methods"]["wise"][-1]["macs"] >= wise["methods"]["wise"][0]["macs"]

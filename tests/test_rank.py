@@ -51,7 +51,7 @@ def test_taylor_and_oracle_follow_their_definitions(tiny_model: Path, tiny_synth
 
 def test_rank_needs_data_for_taylor(tiny_model: Path, ws) -> None:
     res = runner.invoke(app, ["rank", str(tiny_model), "--method", "taylor"])
-    assert res.exit_code == 2 and "needs --data" in res.output
+    assert res.exit_code == 2 and "--data is required" in res.output and "does not record the dataset" in res.output
     res = runner.invoke(app, ["rank", str(tiny_model), "--method", "l3"])
     assert res.exit_code == 2 and "--method must be one of" in res.output
 

@@ -80,6 +80,16 @@ def log(message: str) -> None:
     stderr_console().print(message, highlight=False)
 
 
+def dataset_for(ws: Workspace, data: str | None, model_path: Any, model: str) -> Any:
+    """The folder of `--data`, or else of the dataset `model`'s artefact records (said on stderr)."""
+    from vcc.core.artefact import recorded_dataset
+
+    path = ws.resolve_dataset_of(data, None if data else recorded_dataset(model_path), model)
+    if not data:
+        log(f"data: {path.name} (recorded in {model}; --data picks another)")
+    return path
+
+
 def render(report: Report, fmt: Format) -> None:
     """Print a Report on stdout in the chosen format."""
     from vcc.core import report as rp

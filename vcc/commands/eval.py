@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(
         model: Annotated[str, typer.Argument(help="Model artefact (.safetensors) or run name (RUN, RUN:best, RUN:last).")],
-        data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset name or folder.")],
+        data: Annotated[str | None, typer.Option("--data", "-d", help="Prepared dataset name or folder (default: the one the model was made with).", show_default=False)] = None,
         split: Annotated[str, typer.Option("--split", help="Dataset split to evaluate: test, train, or val where prepared with --holdout.")] = "test",
         clips: Annotated[int, typer.Option("--clips", "-k", help="Evenly spaced clips per video (video score = mean clip softmax).")] = 3,
         crops: Annotated[int, typer.Option("--crops", help="Spatial crops per clip: 1 (centre) or 3.")] = 1,
@@ -29,13 +29,13 @@ def register(app: typer.Typer) -> None:
 
         Examples:
 
-          vcc eval base -d synthetic --clips 3 --crops 3
+          vcc eval base --clips 3 --crops 3   # on the dataset base was trained on
           vcc eval base-exits -d synthetic --threshold 0.9
           vcc eval runs/base/model.safetensors -d ucf101 -f json
         """
         from pathlib import Path
 
-        from vcc.commands._common import ProgressHook, log, progress, render, workspace
+        from vcc.commands._common import ProgressHook, dataset_for, log, progress, render, workspace
         from vcc.core.artefact import load_model
         from vcc.core.data.manifest import load_dataset
         from vcc.core.errors import UsageError
@@ -47,8 +47,8 @@ def register(app: typer.Typer) -> None:
         if crops not in (1, 3):
             raise UsageError(f"--crops must be 1 or 3, got {crops}")
         ws = workspace()
-        info = load_dataset(ws.resolve_dataset(data))
         path = ws.resolve_model(model)
+        info = load_dataset(dataset_for(ws, data, path, model))
         dev = resolve_device(device)
         net, meta = load_model(path, device=dev)
         check_classes(meta, list(info.classes), model_name=f"model {model!r}", data_name=f"dataset {info.name!r}")

@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
     @app.command("finetune")
     def finetune(
         model: Annotated[str, typer.Argument(help="Model artefact (.safetensors) or run name.")],
-        data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset name or folder.")],
+        data: Annotated[str | None, typer.Option("--data", "-d", help="Prepared dataset name or folder (default: the one the model was made with).", show_default=False)] = None,
         name: NameOpt = None,
         epochs: Annotated[int, typer.Option("--epochs", "-e", help="Epochs.")] = 5,
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per batch.")] = 8,
@@ -65,6 +65,7 @@ def register(app: typer.Typer) -> None:
         """
         from vcc.commands._common import (
             ProgressHook,
+            dataset_for,
             fit_report,
             interrupted,
             progress,
@@ -75,6 +76,7 @@ def register(app: typer.Typer) -> None:
         from vcc.core.training import TrainConfig
 
         ws = workspace()
+        data = str(dataset_for(ws, data, ws.resolve_model(model), model))
         cfg = TrainConfig(
             frames=0, size=0, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
             warmup=warmup, weight_decay=weight_decay, workers=workers, device=device, amp=amp, compile=compile_, compile_mode=compile_mode,

@@ -56,18 +56,29 @@ def register(app: typer.Typer) -> None:
           vcc prune base -d synthetic --method magnitude --sparsity 0.8
           vcc prune lstm -d synthetic --method vib --kml 4
         """
-        from vcc.commands._common import ProgressHook, log, parse_kv, progress, render, workspace
+        from vcc.commands._common import (
+            ProgressHook,
+            dataset_for,
+            log,
+            parse_kv,
+            progress,
+            render,
+            workspace,
+        )
         from vcc.core.errors import UsageError
         from vcc.core.report import Report, Table
         from vcc.core.workspace import atomic_dir
 
         ws = workspace()
         model_path = ws.resolve_model(model)
-        data_path = ws.resolve_dataset(data) if data else None
         from vcc.core.artefact import read_doc
+        from vcc.core.compress.rank import DATA_METHODS
 
         ranking_path = ws.resolve_ranking(ranking) if ranking else None
         method_l = (method or (ranking_path and read_doc(ranking_path).get("method")) or "taylor").lower()
+        # data where the work needs it (ranking by activations, finetuning, VIB), else only where given
+        needs_data = method_l == "vib" or finetune_epochs > 0 or (method_l in DATA_METHODS and (ranking_path is None or steps > 1))
+        data_path = dataset_for(ws, data, model_path, model) if data or needs_data else None
         run_name, _ = ws.new_run_dir(name, f"prune-{ws.model_stem(model_path)}-{method_l}")
         from vcc.core.training import TrainConfig
 

@@ -39,20 +39,18 @@ def register(app: typer.Typer) -> None:
         """
         from pathlib import Path
 
-        from vcc.commands._common import ProgressHook, log, progress, render, workspace
+        from vcc.commands._common import ProgressHook, dataset_for, log, progress, render, workspace
         from vcc.core.artefact import load_model
         from vcc.core.compress.rank import DATA_METHODS, layer_table, save_ranking
         from vcc.core.compress.rank import rank as rank_fn
-        from vcc.core.errors import UsageError
         from vcc.core.report import Report, Table, percent
         from vcc.core.workspace import atomic_dir
 
         ws = workspace()
         model_path = ws.resolve_model(model)
-        data_path = ws.resolve_dataset(data) if data else None
         method_l = method.lower()
-        if sensitivity and data_path is None:
-            raise UsageError("--sensitivity needs --data (each pruned variant is evaluated)")
+        needs_data = sensitivity or method_l in DATA_METHODS
+        data_path = dataset_for(ws, data, model_path, model) if data or needs_data else None
         ratio_list = None
         if sensitivity:
             from vcc.core.compress.sensitivity import parse_ratios

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
         ctx: typer.Context,
-        data: Annotated[str | None, typer.Option("--data", "-d", help="Prepared dataset name or folder.")] = None,
+        data: Annotated[str | None, typer.Option("--data", "-d", help="Prepared dataset name or folder (with --init, by default the one that model was made with).")] = None,
         arch: Annotated[str | None, typer.Option("--arch", "-a", help="Model arch (default: r3d_tiny, or --init's arch).")] = None,
         name: NameOpt = None,
         option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Arch builder option KEY=VALUE (repeatable), e.g. -o backbone=tiny -o hidden_size=64.")] = None,
@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
         """
         from vcc.commands._common import (
             ProgressHook,
+            dataset_for,
             fit_report,
             interrupted,
             parse_kv,
@@ -117,8 +118,10 @@ def register(app: typer.Typer) -> None:
                     res = train_run.resume(ws, resume, data=data, overrides={"epochs": epochs, "workers": workers, "device": device if device != "auto" else None,
                                                                   "stop_after": stop_after, "max_batches": max_batches}, progress=hook)
                 else:
+                    if not data and init:  # the dataset the initial model was made with
+                        data = str(dataset_for(ws, None, ws.resolve_model(init), init))
                     if not data:
-                        raise UsageError("--data NAME is required (or --resume RUN)")
+                        raise UsageError("--data NAME is required (or --resume RUN, or --init MODEL that records its dataset)")
                     cfg = TrainConfig(
                         frames=frames or 0, size=size or 0, epochs=20 if epochs is None else epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                         schedule=schedule, warmup=warmup, weight_decay=weight_decay, workers=_auto_workers(device) if workers is None else workers,

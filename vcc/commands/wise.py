@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command("wise")
     def wise(
         model: Annotated[str, typer.Argument(help="Multi-exit model: a .safetensors file or a run name (RUN, RUN:best).")],
-        data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (name or folder); WISE fits on train, reports on test.")],
+        data: Annotated[str | None, typer.Option("--data", "-d", help="Prepared dataset (name or folder; default: the one the model was made with); WISE fits on train, reports on test.", show_default=False)] = None,
         lam: Annotated[float, typer.Option("--lambda", help="L1 weight on each exit's ensemble weights.", min=0.0)] = 0.03,
         iters: Annotated[int, typer.Option("--iters", help="Full-batch SGD steps for the WISE weights (3000: converged on the synthetic set, ~3 s).", min=0)] = 3000,
         lr: Annotated[float, typer.Option("--lr", help="SGD learning rate for the WISE weights.", min=0.0)] = 0.01,
@@ -42,12 +42,12 @@ def register(app: typer.Typer) -> None:
         import shutil
         from pathlib import Path
 
-        from vcc.commands._common import ProgressHook, log, progress, render, workspace
+        from vcc.commands._common import ProgressHook, dataset_for, log, progress, render, workspace
         from vcc.core.wise import parse_thresholds, run_wise
 
         ws = workspace()
         model_path = ws.resolve_model(model)
-        data_path = ws.resolve_dataset(data)
+        data_path = dataset_for(ws, data, model_path, model)
         thr = parse_thresholds(thresholds)
         run_name, run_dir = ws.new_run_dir(name, f"wise-{ws.model_stem(model_path)}")
         try:

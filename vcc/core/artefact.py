@@ -151,8 +151,10 @@ def input_spec(frames: int, size: int, mean: list[float] | None = None, std: lis
     }
 
 
-def provenance(parent: str | Path | None = None, metrics: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    """Where an artefact came from: command line, parent sha256, vcc version, time, metrics."""
+def provenance(parent: str | Path | None = None, metrics: dict[str, Any] | None = None, *,
+               dataset: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    """Where an artefact came from: command line, parent sha256, vcc version, time, metrics, and
+    the dataset it was made with (:func:`dataset_ref`; without one, the parent's, if it records one)."""
     doc: dict[str, Any] = {
         "command": shlex.join(["vcc", *sys.argv[1:]]) if sys.argv else "",
         "parent_sha256": sha256_file(parent) if parent else None,
@@ -161,8 +163,30 @@ def provenance(parent: str | Path | None = None, metrics: dict[str, Any] | None 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "metrics": metrics or {},
     }
+    if dataset is None and parent:
+        dataset = recorded_dataset(parent)
+    if dataset:
+        doc["dataset"] = dataset
     doc.update(extra)
     return doc
+
+
+def dataset_ref(info: Any) -> dict[str, str]:
+    """How an artefact records a prepared dataset (a DatasetInfo): its name and folder."""
+    return {"name": str(info.name), "path": str(Path(info.root).resolve())}
+
+
+def recorded_dataset(source: str | Path | ModelMeta) -> dict[str, str] | None:
+    """The dataset an artefact (a path or its metadata) records it was made with, or None."""
+    if isinstance(source, ModelMeta):
+        prov = source.provenance
+    else:
+        try:
+            prov = read_doc(source).get("provenance")
+        except ArtefactError:
+            return None
+    ref = prov.get("dataset") if isinstance(prov, dict) else None
+    return ref if isinstance(ref, dict) and ref.get("name") else None
 
 
 def sha256_file(path: str | Path) -> str:

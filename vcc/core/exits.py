@@ -559,7 +559,7 @@ def _exit_loaders(data: Any, cfg: Any) -> tuple[Any, Any]:
     from vcc.core.training import Loaders, _make_loaders
 
     loaders = _make_loaders(data, cfg, distributed=False, pin=False)
-    return Loaders(loaders.train, None, loaders.classes), loaders.val
+    return Loaders(loaders.train, None, loaders.classes, dataset=loaders.dataset), loaders.val
 
 
 def _teacher_name(p: int, teachers: list[str], kd: str) -> str:

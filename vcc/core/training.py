@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vcc.core.artefact import ModelMeta, input_spec, provenance, save_model
+from vcc.core.artefact import ModelMeta, dataset_ref, input_spec, provenance, save_model
 from vcc.core.errors import UsageError, VccError, first_line
 from vcc.core.progress import ProgressFn
 from vcc.core.workspace import atomic_path, atomic_write_json, atomic_write_text
@@ -141,6 +141,7 @@ class Loaders:
     val: Iterable | None
     classes: list[str]
     val_split: str | None = None  # the dataset split `val` reads, when known
+    dataset: dict[str, str] | None = None  # artefact.dataset_ref of the prepared dataset, when known
 
 
 # ---------------------------------------------------------------- devices and inputs
@@ -347,7 +348,7 @@ def _make_loaders(data: Any, cfg: TrainConfig, distributed: bool, pin: bool) -> 
             info, split, train=False, frames=cfg.frames, size=cfg.size, batch_size=cfg.batch_size,
             workers=cfg.workers, clips=cfg.val_clips, seed=cfg.seed, pin_memory=pin,
         )
-    return Loaders(train, val, list(info.classes), split if val is not None else None)
+    return Loaders(train, val, list(info.classes), split if val is not None else None, dataset_ref(info))
 
 
 def _seed_epoch(loader: Any, seed: int, epoch: int) -> None:
@@ -727,7 +728,7 @@ def _fit(
             if dd.main:
                 score = record.get("val_video_top1", -record["train_loss"])
                 improved = not best or score > best.get("_score", -math.inf)
-                _save_artefacts(raw, out_meta, cfg, record, last_path, best_path if improved else None, model_path)
+                _save_artefacts(raw, out_meta, cfg, record, last_path, best_path if improved else None, model_path, loaders.dataset)
                 if improved:
                     best = {**record, "_score": score}
                 _save_checkpoint(ckpt_path, raw, out_meta, cfg, optimizer, scheduler, scaler, loaders.train, epoch + 1, history, best, None)
@@ -779,9 +780,10 @@ def _reduce_train_stats(sum_loss: torch.Tensor, correct: torch.Tensor, seen: int
     return float(sum_loss) / max(1, seen), float(correct) / max(1, seen)
 
 
-def _save_artefacts(raw: nn.Module, meta: ModelMeta, cfg: TrainConfig, record: dict[str, Any], last: Path, best: Path | None, model_path: Path) -> None:
+def _save_artefacts(raw: nn.Module, meta: ModelMeta, cfg: TrainConfig, record: dict[str, Any], last: Path, best: Path | None,
+                    model_path: Path, dataset: dict[str, str] | None) -> None:
     meta = meta.child()
-    meta.provenance = provenance(parent=cfg.init, metrics=dict(record), step=cfg.command)
+    meta.provenance = provenance(parent=cfg.init, metrics=dict(record), dataset=dataset, step=cfg.command)
     save_model(last, raw, meta)
     if best is not None:
         with atomic_path(best) as tmp:

@@ -104,6 +104,21 @@ class Workspace:
                            f"prepare it first with `vcc prepare folder --root {name}`")
         raise VccError(f"dataset {name!r} not found in {self.datasets_dir} (known: {known})")
 
+    def resolve_dataset_of(self, data: str | None, recorded: dict[str, str] | None, model: str) -> Path:
+        """`--data` if given, else the dataset `model`'s artefact records it was made with
+        (`recorded`: artefact.recorded_dataset): its folder, or a dataset of that name here."""
+        if data:
+            return self.resolve_dataset(data)
+        if not recorded:
+            raise UsageError(f"--data is required: {model} does not record the dataset it was made with")
+        folder = Path(recorded.get("path") or "")
+        if recorded.get("path") and (folder / "dataset.json").is_file():
+            return folder
+        name = str(recorded.get("name", ""))
+        if _NAME_RE.match(name) and (self.datasets_dir / name / "dataset.json").is_file():
+            return self.datasets_dir / name
+        raise UsageError(f"{model} was made with dataset {name!r} ({folder}), which is not there any more: give --data")
+
     def resolve_model(self, spec: str) -> Path:
         """A model artefact from a `.safetensors` path or a run name (its model.safetensors).
 

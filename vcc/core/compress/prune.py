@@ -756,7 +756,7 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
     """
     from pathlib import Path
 
-    from vcc.core.artefact import load_model, provenance, save_model
+    from vcc.core.artefact import dataset_ref, load_model, provenance, save_model
     from vcc.core.compress.rank import load_ranking, rank
     from vcc.core.compress.schedule import agp_targets, macs_targets
 
@@ -834,7 +834,8 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
     model = model.cpu().eval()
     after = summarise(model, meta, data, job, progress)
     out_meta = meta.child()
-    out_meta.provenance = provenance(parent=model_path, metrics={k: v for k, v in after.items() if k != "params"})
+    out_meta.provenance = provenance(parent=model_path, metrics={k: v for k, v in after.items() if k != "params"},
+                                     dataset=dataset_ref(data) if data is not None else None)
     out_meta.extra = {**meta.extra, "prune": {
         "method": job.method, "ratio": job.ratio, "target_macs": job.target_macs, "scope": job.scope,
         "steps": job.steps, "finetune_epochs": job.finetune_epochs, "ignore": job.ignore,

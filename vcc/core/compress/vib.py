@@ -631,7 +631,7 @@ def prune_vib(
     its dense port (what `vcc port` makes of the result; the saved gated model has the same MACs
     as before until then), each with `eval_clips` clips per test video and `latency_runs` timings.
     """
-    from vcc.core.artefact import load_model, provenance, save_model
+    from vcc.core.artefact import load_model, provenance, recorded_dataset, save_model
     from vcc.core.training import fit
 
     if kml < 0 or kl_factor < 0 or ib_lr <= 0:
@@ -703,7 +703,7 @@ def prune_vib(
             w["options"] = {**(w.get("options") or {}), "hard": True}
     metrics = dict((res.history[-1] if getattr(res, "history", None) else {}) or {})
     metrics.update({"compression": summ["compression"], "params_before": info["params_before"], "params_after": info["params_after"]})
-    fmeta.provenance = provenance(parent=model_path, metrics=_jsonable(metrics), method="vib")
+    fmeta.provenance = provenance(parent=model_path, metrics=_jsonable(metrics), dataset=recorded_dataset(fmeta), method="vib")
     out_path = run_dir / "model.safetensors"
     save_model(out_path, final, fmeta)
     cols, rows = vib_table(summ["kept"])
