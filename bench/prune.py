@@ -65,14 +65,16 @@ def _runtime_forms(runtime: str, models: dict, meta, x, threads: list[int], tmp:
         torch.set_num_threads(th)  # the kernel choice is made per thread count
         for k, m in models.items():
             if runtime in ("eager", "compile"):
-                f = inference_form(m, x) if fold else m
+                f = inference_form(m, x, script=runtime == "eager") if fold else m
                 if runtime == "compile":
                     f = torch.compile(f)
                     with torch.inference_mode():
                         f(x)
                 out[(k, th)] = f
+            elif runtime == "python":  # vcc's inference form without TorchScript (sessions 6-11)
+                out[(k, th)] = inference_form(m, x, script=False) if fold else m
             elif runtime == "eager-default":  # folded, but every conv on the kernel PyTorch picks
-                out[(k, th)] = inference_form(m, x, kernels=False) if fold else m
+                out[(k, th)] = inference_form(m, x, kernels=False, script=False) if fold else m
             elif runtime == "onnxruntime":
                 import onnxruntime as ort
 
@@ -85,7 +87,7 @@ def _runtime_forms(runtime: str, models: dict, meta, x, threads: list[int], tmp:
                 sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
                 out[(k, th)] = (lambda s: lambda t: s.run(None, {"clip": t.numpy()}))(sess)
             else:
-                raise SystemExit(f"--latency-runtimes: unknown runtime {runtime!r} (eager, eager-default, compile, onnxruntime)")
+                raise SystemExit(f"--latency-runtimes: unknown runtime {runtime!r} (eager, python, eager-default, compile, onnxruntime)")
     return out
 
 
@@ -110,10 +112,11 @@ def main() -> None:
     ap.add_argument("--methods", default="taylor,l1,tp-magnitude")
     ap.add_argument("--round-to", type=int, default=1, help="keep a multiple of N channels per layer (taylor/l1)")
     ap.add_argument("--latency-threads", default="1,2", help="torch CPU thread counts to time batch-1 latency with")
-    ap.add_argument("--latency-runtimes", default="eager,eager-default",
+    ap.add_argument("--latency-runtimes", default="eager,python,eager-default",
                     help="comma list: eager (vcc's inference form, as `vcc prune` reports: BatchNorm folded, each conv on "
-                         "the faster of PyTorch's two CPU kernels, chosen per thread count), eager-default (folded, every "
-                         "conv on the kernel PyTorch's rule picks), compile (torch.compile of the eager form, inductor; "
+                         "the fastest of its CPU kernels, chosen per thread count, and the whole frozen by TorchScript where "
+                         "that is faster), python (the same without TorchScript), eager-default (folded, every "
+                         "conv on the kernel PyTorch's rule picks, no TorchScript), compile (torch.compile of the eager form, inductor; "
                          "needs a C compiler) and onnxruntime (the `vcc port --onnx` export; needs onnxruntime); the "
                          "goals use eager")
     ap.add_argument("--no-fold-bn", action="store_true", help="eager/compile time the models as they are (no inference form)")
@@ -214,6 +217,7 @@ def main() -> None:
             key = f"threads_{th}" if rt == "eager" else f"{rt}_threads_{th}"
             latency[key] = {
                 k: {"latency_ms": round(med[k], 3), "latency_min_ms": round(min(lat[k]), 3),
+                    "form": "torchscript" if isinstance(forms[rt][(k, th)], torch.jit.ScriptModule) else "python",
                     **({} if k == "base" else {
                         "speedup": round(med["base"] / med[k], 3),
                         "speedup_over_macs_reduction": round(med["base"] / med[k] / (base_macs / results[k]["macs"]), 3),
@@ -236,7 +240,8 @@ def main() -> None:
                   "scope": args.scope, "eval_clips": args.eval_clips, "threads": torch.get_num_threads(),
                   "round_to": args.round_to,
                   "latency": f"median over {args.latency_rounds} interleaved rounds of the median of {args.latency_runs} batch-1 CPU forwards"
-                             + (", in vcc's inference form (BatchNorm folded; conv kernels chosen by timing, except eager-default)"
+                             + (", in vcc's inference form (BatchNorm folded; conv kernels chosen by timing, except eager-default; "
+                                   "frozen by TorchScript where faster, eager only)"
                                 if fold else ", models as they are"),
                   "latency_runtimes": runtimes},
         "unpruned": {"macs": base_macs, "params": base_params, "video_top1": base_eval["video_top1"],

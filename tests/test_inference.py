@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 from tests.test_models import SLOW_FORWARD, SMALL_OPTIONS
 from vcc.core import inference
@@ -15,6 +15,7 @@ from vcc.core.inference import (
     PackedOneDNNConv3d,
     TimeFoldedConv3d,
     fold_batchnorm,
+    frozen_trace,
     inference_form,
     kernel_candidates,
     select_cpu_kernels,
@@ -41,12 +42,16 @@ def test_inference_form_folds_every_batchnorm_and_computes_the_same(arch: str) -
     model = _with_stats(build_model(arch, 3, **SMALL_OPTIONS.get(arch, {})))
     bns = sum(isinstance(m, _BN) for m in model.modules())
     x = torch.randn(1, 3, 8, 32, 32)
-    form = inference_form(model, x)
+    form = inference_form(model, x, script=False)  # modules to look into (a frozen trace has none)
     assert form is not model
     assert not any(isinstance(m, _BN) for m in form.modules()), arch
     with torch.no_grad():
         assert torch.allclose(form(x), model(x), atol=1e-4, rtol=1e-4)
     assert sum(isinstance(m, _BN) for m in model.modules()) == bns  # the original is untouched
+    traced = frozen_trace(fold_batchnorm(model), x)  # every arch traces and freezes to the same function
+    assert isinstance(traced, torch.jit.ScriptModule), arch
+    with torch.no_grad():
+        assert torch.allclose(traced(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 def test_fold_batchnorm_in_sequentials_of_an_untraceable_model() -> None:
@@ -186,7 +191,7 @@ def test_inference_form_of_a_masked_model_keeps_its_masks() -> None:
     assert inference_form(model, x) is model  # its `weight`s are autograd results: no copy, timed as it is
     with torch.no_grad():
         model(x)  # recomputed without autograd, as a loaded artefact's are: now it copies
-    form = inference_form(model, x)
+    form = inference_form(model, x, script=False)
     assert form is not model and not any(isinstance(m, OneDNNConv3d) for m in form.modules())
     with torch.no_grad():
         assert torch.allclose(form(x), model(x), atol=1e-4, rtol=1e-4)
@@ -223,3 +228,34 @@ def test_faster_keeps_the_form_that_runs_faster_whole() -> None:
     slow = _Sleepy(conv)
     assert inference.faster(slow, conv, x) is conv
     assert inference.faster(conv, slow, x) is conv
+
+
+def test_fastest_picks_the_quickest_and_ties_go_first() -> None:
+    conv = nn.Conv3d(3, 4, 3, padding=1).eval()
+    x = torch.randn(1, 3, 4, 8, 8)
+    slow, also_slow = _Sleepy(conv), _Sleepy(conv)
+    assert inference.fastest([slow, conv, also_slow], x) is conv
+    assert inference.fastest([conv, conv], x) is conv
+    assert inference.fastest([slow], x) is slow
+
+
+def test_frozen_trace_where_torchscript_can_and_none_where_it_cannot() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 4, 8, 8)
+    traced = frozen_trace(model, x)
+    assert isinstance(traced, torch.jit.ScriptModule) and list(traced.parameters()) == []  # frozen: constants
+    with torch.inference_mode():
+        assert torch.allclose(traced(x), model(x), atol=1e-5)
+    packed = nn.Sequential(PackedOneDNNConv3d.like(nn.Conv3d(3, 4, 3, padding=1)), nn.ReLU()).eval()
+    assert frozen_trace(packed, x) is None  # oneDNN's packed weight cannot be a TorchScript constant
+
+
+def test_inference_form_may_be_a_frozen_trace_that_computes_the_same() -> None:
+    torch.manual_seed(0)
+    model = _with_stats(build_model("r3d_tiny", 3))
+    x = torch.randn(1, 3, 8, 32, 32)
+    form = inference_form(model, x)  # whichever form timed fastest: all compute the same
+    with torch.inference_mode():
+        assert torch.allclose(form(x), model(x), atol=1e-4, rtol=1e-4)
+    assert isinstance(inference_form(model, x, kernels=False, script=False), fx.GraphModule)

@@ -9,7 +9,10 @@ to vol2col and made them 3-5x slower, so half the MACs bought 1.17x instead of 1
 kernels by measuring; :func:`select_cpu_kernels` does the same for the two PyTorch offers, and
 for a third: oneDNN with the weight reordered once into its blocked layout (what inductor's
 freezing and other inference runtimes do), instead of on every call as `mkldnn_convolution`
-does with a plain weight; on small convs that reorder costs more than the arithmetic.
+does with a plain weight; on small convs that reorder costs more than the arithmetic. Narrow
+convs can also fold output frames into their channels (:class:`TimeFoldedConv3d`), and small
+models are also timed frozen by TorchScript (:func:`frozen_trace`), which drops the Python
+between ops.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import fx, nn
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MARGIN = 0.9  # another kernel replaces the default one only when it takes < 90% of its time
+SCRIPT_MS = 50.0  # models slower than this per call are not traced: Python's per-op cost is lost in their time
 _CHOICES: dict[tuple, str] = {}  # per process: (shapes, conv options, threads) -> "default" or a kernel_candidates name
 
 
@@ -334,20 +338,38 @@ def select_cpu_kernels(model: nn.Module, example: torch.Tensor, runs: int = 3) -
     return swapped
 
 
-def faster(a: nn.Module, b: nn.Module, example: torch.Tensor, rounds: int = 25, budget_s: float = 0.5) -> nn.Module:
-    """Whichever of `a` and `b` runs `example` faster: the median of interleaved single calls (at
-    least 3 each, up to `rounds` while they fit in `budget_s`); `a` must win, ties go to `b`."""
-    times: dict[int, list[float]] = {0: [], 1: []}
+def fastest(candidates: list[Callable[[torch.Tensor], Any]], example: torch.Tensor, rounds: int = 15, budget_s: float = 0.5) -> Any:
+    """The candidate that runs `example` fastest. Rounds (at least 3, up to `rounds` while they fit
+    in `budget_s`) run each candidate in turn; for calls under 10 ms, one untimed call to warm
+    its caches, then three timed back to back (as repeated forwards run) whose median counts.
+    A candidate's time is the median over rounds. Earlier candidates win ties: list the
+    plainest first."""
+    times: list[list[float]] = [[] for _ in candidates]
     with torch.inference_mode():
-        a(example)
-        b(example)
+        first = []
+        for fn in candidates:
+            t0 = time.perf_counter()
+            fn(example)
+            first.append(time.perf_counter() - t0)
+        block = 3 if max(first) < 0.01 else 1  # a slow model's cache state does not matter
         start = time.perf_counter()
         while len(times[0]) < 3 or (len(times[0]) < rounds and time.perf_counter() - start < budget_s):
-            for i, fn in enumerate((a, b)):
-                t0 = time.perf_counter()
-                fn(example)
-                times[i].append(time.perf_counter() - t0)
-    return a if statistics.median(times[0]) < statistics.median(times[1]) else b
+            for i, fn in enumerate(candidates):
+                if block > 1:
+                    fn(example)
+                calls = []
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    fn(example)
+                    calls.append(time.perf_counter() - t0)
+                times[i].append(statistics.median(calls))
+    medians = [statistics.median(t) for t in times]
+    return candidates[min(range(len(candidates)), key=lambda i: (medians[i], i))]
+
+
+def faster(a: nn.Module, b: nn.Module, example: torch.Tensor, rounds: int = 15, budget_s: float = 0.5) -> nn.Module:
+    """Whichever of `a` and `b` runs `example` faster (:func:`fastest`); `a` must win, ties go to `b`."""
+    return fastest([b, a], example, rounds, budget_s)
 
 
 def _choice_key(conv: nn.Conv3d, x: torch.Tensor) -> tuple:
@@ -355,29 +377,74 @@ def _choice_key(conv: nn.Conv3d, x: torch.Tensor) -> tuple:
             conv.padding, conv.dilation, torch.get_num_threads())
 
 
-def inference_form(model: nn.Module, example: torch.Tensor, *, kernels: bool = True) -> nn.Module:
-    """`model` as an inference runtime runs it: eval mode, BatchNorm folded, CPU conv kernels chosen by timing.
+def frozen_trace(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """`model` traced on `example` and frozen by TorchScript (parameters folded in as constants, no
+    Python between ops), warmed up; None where it cannot be traced or frozen.
+
+    The trace records the ops `example` runs: only for a fixed input shape and models without
+    data-dependent control flow, which :func:`inference_form` checks by comparing outputs.
+    TorchScript is in maintenance mode (a FutureWarning, silenced here); where a PyTorch build no
+    longer has it this returns None and the eager form is timed.
+    """
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False, strict=False).eval())
+        with torch.inference_mode():
+            for _ in range(3):  # the profiling executor specialises over the first calls
+                traced(example)
+    except Exception:  # noqa: BLE001 - anything TorchScript cannot take is timed in eager mode
+        return None
+    return traced
+
+
+def inference_form(model: nn.Module, example: torch.Tensor, *, kernels: bool = True, script: bool = True) -> nn.Module:
+    """`model` as an inference runtime runs it: eval mode, BatchNorm folded, CPU conv kernels chosen
+    by timing, and frozen by TorchScript where that runs faster.
 
     Folding (:func:`fold_batchnorm`) removes a fixed per-layer cost that pruning cannot shrink,
     as ONNX Runtime, TensorRT or a frozen TorchScript module would. With `kernels`,
-    :func:`select_cpu_kernels` picks each CPU conv's faster kernel at `example`'s shape. The
-    result computes what `model` does (checked to 1e-4 on `example`; a form that differs falls
-    back to `model` itself); `model` is never changed.
+    :func:`select_cpu_kernels` picks each CPU conv's faster kernel at `example`'s shape. With
+    `script`, models under SCRIPT_MS a call are also traced and frozen (:func:`frozen_trace`: what
+    a libtorch deployment runs, no Python between ops; at batch 1 on small clips Python's per-op
+    cost is a fifth of the time). Of these forms the one that runs the whole model fastest
+    (:func:`fastest`) is kept. The result computes what
+    `model` does (checked to 1e-4 on `example`; a form that differs falls back to `model`
+    itself); `model` is never changed.
     """
     model.eval()
     try:
         form = fold_batchnorm(model)
     except RuntimeError:  # a model that cannot be copied (a mask's weight computed with autograd): time it as it is
         return model
+    forms: list[nn.Module] = [form]
     if kernels:
         swapped = copy.deepcopy(form)
-        if select_cpu_kernels(swapped, example):
-            # each conv was timed alone; keep the swaps only if the whole model is faster with them
-            form = faster(swapped, form, example)
+        if select_cpu_kernels(swapped, example):  # each conv was timed alone: the whole model decides below
+            forms.append(swapped)
+    if script and _once_ms(form, example) < SCRIPT_MS:  # oneDNN's packed weights cannot be TorchScript constants: such a form does not trace
+        forms += [t for t in (frozen_trace(f, example) for f in list(forms)) if t is not None and _same(t, form, example)]
+    if len(forms) > 1:
+        form = fastest(forms, example)
+    return form if _same(form, model, example) else model
+
+
+def _once_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
+    """The time of one call of `fn` on `x` after one warm-up call, in ms."""
     with torch.inference_mode():
-        ref, got = _tensors(model(example)), _tensors(form(example))
-    ok = len(ref) == len(got) > 0 and all(a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, ref, strict=True))
-    return form if ok else model
+        fn(x)
+        sync(x.device)
+        t0 = time.perf_counter()
+        fn(x)
+        sync(x.device)
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def _same(a: Callable[[torch.Tensor], Any], b: Callable[[torch.Tensor], Any], x: torch.Tensor) -> bool:
+    """Whether `a` and `b` give the same outputs on `x` (to 1e-4)."""
+    with torch.inference_mode():
+        got, ref = _tensors(a(x)), _tensors(b(x))
+    return len(ref) == len(got) > 0 and all(g.shape == r.shape and torch.allclose(g, r, atol=1e-4, rtol=1e-4) for g, r in zip(got, ref, strict=True))
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
