@@ -121,7 +121,8 @@ def measure_latency(model: nn.Module, meta: ModelMeta, device: str | torch.devic
     """Median wall time in ms of one forward pass at batch `batch` on `device` (after warm-up).
 
     With `fold_bn` (default) the timed model is :func:`vcc.core.inference.inference_form`'s copy
-    (BatchNorm folded, CPU conv kernels chosen by timing); without, the model as it is. Small
+    (BatchNorm folded, CPU conv kernels chosen by timing, small models frozen by TorchScript where
+    faster); without, the model as it is. Small
     models run more than `runs` times, until `min_s` seconds are timed: ten 1-ms forwards are
     too few to outlast a neighbour's burst.
     """
