@@ -407,7 +407,7 @@ def inference_form(model: nn.Module, example: torch.Tensor, *, kernels: bool = T
     :func:`select_cpu_kernels` picks each CPU conv's faster kernel at `example`'s shape. With
     `script`, models under SCRIPT_MS a call are also traced and frozen (:func:`frozen_trace`: what
     a libtorch deployment runs, no Python between ops; at batch 1 on small clips Python's per-op
-    cost is a fifth of the time). Of these forms the one that runs the whole model fastest
+    cost is a sixth of the time). Of these forms the one that runs the whole model fastest
     (:func:`fastest`) is kept. The result computes what
     `model` does (checked to 1e-4 on `example`; a form that differs falls back to `model`
     itself); `model` is never changed.
