@@ -212,3 +212,16 @@ def test_median_ms_times_small_models_for_at_least_min_s() -> None:
     calls.clear()
     median_ms(fn, x, warmup=0, runs=1, min_s=10.0, most=7)
     assert len(calls) == 7  # `most` caps it
+
+
+def test_eval_without_data_names_a_file_that_is_no_model_first(ws, tmp_path: Path) -> None:
+    # the model is read before any dataset is looked for: a video given as the model gets the
+    # artefact error and its hint, not "--data is required"
+    import shutil
+
+    from tests.conftest import SHARED_VIDEOS
+
+    video = tmp_path / "clip.avi"
+    shutil.copy(SHARED_VIDEOS / "test.avi", video)
+    res = runner.invoke(app, ["eval", str(video)])
+    assert res.exit_code == 1 and "it is a video" in res.output and "--data is required" not in res.output

@@ -82,9 +82,10 @@ def log(message: str) -> None:
 
 def dataset_for(ws: Workspace, data: str | None, model_path: Any, model: str) -> Any:
     """The folder of `--data`, or else of the dataset `model`'s artefact records (said on stderr)."""
-    from vcc.core.artefact import recorded_dataset
+    from vcc.core.artefact import read_model_meta, recorded_dataset
 
-    path = ws.resolve_dataset_of(data, None if data else recorded_dataset(model_path), model)
+    # the model's own header, read strictly: a file that is no model says so (with its hint) first
+    path = ws.resolve_dataset_of(data, None if data else recorded_dataset(read_model_meta(model_path)), model)
     if not data:
         log(f"data: {path.name} (recorded in {model}; --data picks another)")
     return path
