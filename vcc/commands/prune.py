@@ -72,13 +72,13 @@ def register(app: typer.Typer) -> None:
         ws = workspace()
         model_path = ws.resolve_model(model)
         from vcc.core.artefact import read_doc
-        from vcc.core.compress.rank import DATA_METHODS
+        from vcc.core.compress.prune import needs_data
 
         ranking_path = ws.resolve_ranking(ranking) if ranking else None
         method_l = (method or (ranking_path and read_doc(ranking_path).get("method")) or "taylor").lower()
-        # data where the work needs it (ranking by activations, finetuning, VIB), else only where given
-        needs_data = method_l == "vib" or finetune_epochs > 0 or (method_l in DATA_METHODS and (ranking_path is None or steps > 1))
-        data_path = dataset_for(ws, data, model_path, model) if data or needs_data else None
+        # the recorded dataset where the work needs one, else data only where given
+        wanted = needs_data(method_l, finetune_epochs=finetune_epochs, steps=steps, ranked=ranking_path is not None)
+        data_path = dataset_for(ws, data, model_path, model) if data or wanted else None
         run_name, _ = ws.new_run_dir(name, f"prune-{ws.model_stem(model_path)}-{method_l}")
         from vcc.core.training import TrainConfig
 

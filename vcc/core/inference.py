@@ -52,13 +52,31 @@ class OneDNNConv3d(nn.Conv3d):
                                                  list(self.dilation), self.groups)
 
     @classmethod
-    def like(cls, conv: nn.Conv3d) -> OneDNNConv3d:
-        """A OneDNNConv3d sharing `conv`'s parameters."""
+    def like(cls, conv: nn.Conv3d, **attrs: Any) -> OneDNNConv3d:
+        """One of this class sharing `conv`'s parameters (`attrs`: a subclass's own settings)."""
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, bias=conv.bias is not None, device="meta")
         new.weight = conv.weight
         new.bias = conv.bias
+        for k, v in attrs.items():
+            setattr(new, k, v)
         return new
+
+    def _settings(self) -> dict[str, Any]:
+        """The attributes besides the parameters that a copy keeps (caches are rebuilt, not copied)."""
+        return {}
+
+    def __deepcopy__(self, memo: dict) -> OneDNNConv3d:  # caches (packed or folded weights) are not copied
+        new = type(self).like(self, **self._settings())
+        new.weight = copy.deepcopy(self.weight, memo)
+        new.bias = copy.deepcopy(self.bias, memo)
+        new.train(self.training)
+        return new
+
+    @staticmethod
+    def _autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether a call needs a backward (training, or a gradient asked for), which cached weights do not have."""
+        return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 class PackedOneDNNConv3d(OneDNNConv3d):
@@ -80,7 +98,7 @@ class PackedOneDNNConv3d(OneDNNConv3d):
         return self._packed
 
     def _default_path(self, x: torch.Tensor) -> bool:  # and with autograd on: the packed op has no backward
-        return super()._default_path(x) or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        return super()._default_path(x) or self._autograd(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._default_path(x):
@@ -88,14 +106,8 @@ class PackedOneDNNConv3d(OneDNNConv3d):
         return torch.ops.mkldnn._convolution_pointwise(x.contiguous(), self._pack(x), self.bias, list(self.padding),
                                                        list(self.stride), list(self.dilation), self.groups, "none", [], "")
 
-    def __deepcopy__(self, memo: dict) -> PackedOneDNNConv3d:  # the packed (oneDNN) tensor is a cache: not copied
-        new = PackedOneDNNConv3d.like(self)
-        new.weight = copy.deepcopy(self.weight, memo)
-        new.bias = copy.deepcopy(self.bias, memo)
-        return new
 
-
-class TimeFoldedConv3d(nn.Conv3d):
+class TimeFoldedConv3d(OneDNNConv3d):
     """A Conv3d that computes `fold` consecutive output frames as `fold`x the output channels of one conv.
 
     CPU conv kernels vectorise over output channels in blocks (oneDNN on AVX-512: 16 float32
@@ -135,13 +147,11 @@ class TimeFoldedConv3d(nn.Conv3d):
         return self._folded_w, self._folded_b
 
     def _default_path(self, x: torch.Tensor) -> bool:
-        return (x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                or not self.fits(self, x, self.fold))
+        return super()._default_path(x) or self._autograd(x, self.weight) or not self.fits(self, x, self.fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._default_path(x):
-            return super().forward(x)
+            return nn.Conv3d.forward(self, x)
         w, b = self._folded()
         f = self.fold
         y = torch.nn.functional.conv3d(x, w, b, (f * self.stride[0], *self.stride[1:]), self.padding, self.dilation)
@@ -151,18 +161,10 @@ class TimeFoldedConv3d(nn.Conv3d):
     @classmethod
     def like(cls, conv: nn.Conv3d, fold: int = 2) -> TimeFoldedConv3d:
         """A TimeFoldedConv3d of `fold` frames sharing `conv`'s parameters."""
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, bias=conv.bias is not None, device="meta")
-        new.fold = fold
-        new.weight = conv.weight
-        new.bias = conv.bias
-        return new
+        return super().like(conv, fold=fold)
 
-    def __deepcopy__(self, memo: dict) -> TimeFoldedConv3d:  # the folded weight is a cache: not copied
-        new = TimeFoldedConv3d.like(self, self.fold)
-        new.weight = copy.deepcopy(self.weight, memo)
-        new.bias = copy.deepcopy(self.bias, memo)
-        return new
+    def _settings(self) -> dict[str, Any]:
+        return {"fold": self.fold}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fold={self.fold}"
@@ -172,21 +174,24 @@ FOLDS = (2, 4)  # time-fold factors tried for convs whose folded width stays nar
 FOLD_WIDTH = 16  # ... to at most this many output channels (one AVX-512 block of float32: wider folds lost when timed)
 
 
+_KERNELS: dict[str, tuple[type[OneDNNConv3d], dict[str, Any]]] = {  # name -> (class, settings)
+    "onednn": (OneDNNConv3d, {}), "packed": (PackedOneDNNConv3d, {}),
+    **{f"fold{f}": (TimeFoldedConv3d, {"fold": f}) for f in FOLDS},
+}
+
+
 def kernel_candidates(conv: nn.Conv3d, x: torch.Tensor) -> dict[str, nn.Module]:
     """The alternative kernels for `conv` on `x`, by name, each sharing its parameters: oneDNN,
     oneDNN on a packed weight, and time-folded by each of FOLDS where it fits and stays narrow."""
-    out: dict[str, nn.Module] = {"onednn": OneDNNConv3d.like(conv), "packed": PackedOneDNNConv3d.like(conv)}
-    for f in FOLDS:
-        if f * conv.out_channels <= FOLD_WIDTH and TimeFoldedConv3d.fits(conv, x, f):
-            out[f"fold{f}"] = TimeFoldedConv3d.like(conv, f)
-    return out
+    return {kind: _make(kind, conv) for kind, (cls, opts) in _KERNELS.items()
+            if cls is not TimeFoldedConv3d
+            or (opts["fold"] * conv.out_channels <= FOLD_WIDTH and TimeFoldedConv3d.fits(conv, x, opts["fold"]))}
 
 
 def _make(kind: str, conv: nn.Conv3d) -> nn.Module:
     """The kernel called `kind` (a name from :func:`kernel_candidates`) for `conv`."""
-    if kind.startswith("fold"):
-        return TimeFoldedConv3d.like(conv, int(kind[4:]))
-    return {"onednn": OneDNNConv3d, "packed": PackedOneDNNConv3d}[kind].like(conv)
+    cls, opts = _KERNELS[kind]
+    return cls.like(conv, **opts)
 
 
 class _LeafTracer(fx.Tracer):
@@ -422,28 +427,20 @@ def inference_form(model: nn.Module, example: torch.Tensor, *, kernels: bool = T
         swapped = copy.deepcopy(form)
         if select_cpu_kernels(swapped, example):  # each conv was timed alone: the whole model decides below
             forms.append(swapped)
-    if script and _once_ms(form, example) < SCRIPT_MS:  # oneDNN's packed weights cannot be TorchScript constants: such a form does not trace
-        forms += [t for t in (frozen_trace(f, example) for f in list(forms)) if t is not None and _same(t, form, example)]
-    if len(forms) > 1:
-        form = fastest(forms, example)
-    return form if _same(form, model, example) else model
-
-
-def _once_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
-    """The time of one call of `fn` on `x` after one warm-up call, in ms."""
+    if script and median_ms(form, example, warmup=1, runs=1) < SCRIPT_MS:  # packed oneDNN weights do not trace (None)
+        forms += [t for t in (frozen_trace(f, example) for f in list(forms)) if t is not None]
     with torch.inference_mode():
-        fn(x)
-        sync(x.device)
-        t0 = time.perf_counter()
-        fn(x)
-        sync(x.device)
-    return (time.perf_counter() - t0) * 1000.0
+        ref = _tensors(model(example))
+    forms = [f for f in forms if _same(f, ref, example)]
+    if not forms:
+        return model
+    return fastest(forms, example) if len(forms) > 1 else forms[0]
 
 
-def _same(a: Callable[[torch.Tensor], Any], b: Callable[[torch.Tensor], Any], x: torch.Tensor) -> bool:
-    """Whether `a` and `b` give the same outputs on `x` (to 1e-4)."""
+def _same(fn: Callable[[torch.Tensor], Any], ref: list[torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether `fn` gives outputs `ref` on `x` (to 1e-4)."""
     with torch.inference_mode():
-        got, ref = _tensors(a(x)), _tensors(b(x))
+        got = _tensors(fn(x))
     return len(ref) == len(got) > 0 and all(g.shape == r.shape and torch.allclose(g, r, atol=1e-4, rtol=1e-4) for g, r in zip(got, ref, strict=True))
 
 

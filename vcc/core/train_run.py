@@ -142,10 +142,7 @@ def _resume_data(ws: Workspace, spec: dict[str, Any], data: str | None) -> Path:
     recorded name (this workspace's copy, wherever it moved), else the recorded path."""
     if data:
         return ws.resolve_dataset(data)
-    name = spec.get("data_name")
-    if name and (ws.datasets_dir / name / "dataset.json").is_file():
-        return ws.datasets_dir / name
-    return Path(spec["data"])
+    return ws.recorded_dataset_dir(spec["data"], spec.get("data_name")) or Path(spec["data"])
 
 
 def _run_exists(ws: Workspace, name: str, run_dir: Path) -> UsageError:

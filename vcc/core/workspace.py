@@ -104,20 +104,37 @@ class Workspace:
                            f"prepare it first with `vcc prepare folder --root {name}`")
         raise VccError(f"dataset {name!r} not found in {self.datasets_dir} (known: {known})")
 
+    def recorded_dataset_dir(self, path: str | None, name: str | None) -> Path | None:
+        """Where a dataset recorded by its folder and name (a run's, an artefact's) is now: this
+        workspace's dataset of that name (a moved or copied workspace uses its own copy), else the
+        recorded folder; None when neither holds a prepared dataset."""
+        if name and _NAME_RE.match(name) and (self.datasets_dir / name / "dataset.json").is_file():
+            return self.datasets_dir / name
+        if path and (Path(path) / "dataset.json").is_file():
+            return Path(path)
+        return None
+
     def resolve_dataset_of(self, data: str | None, recorded: dict[str, str] | None, model: str) -> Path:
         """`--data` if given, else the dataset `model`'s artefact records it was made with
-        (`recorded`: artefact.recorded_dataset): its folder, or a dataset of that name here."""
+        (`recorded`: artefact.recorded_dataset; :meth:`recorded_dataset_dir`)."""
         if data:
             return self.resolve_dataset(data)
         if not recorded:
             raise UsageError(f"--data is required: {model} does not record the dataset it was made with")
-        folder = Path(recorded.get("path") or "")
-        if recorded.get("path") and (folder / "dataset.json").is_file():
-            return folder
-        name = str(recorded.get("name", ""))
-        if _NAME_RE.match(name) and (self.datasets_dir / name / "dataset.json").is_file():
-            return self.datasets_dir / name
-        raise UsageError(f"{model} was made with dataset {name!r} ({folder}), which is not there any more: give --data")
+        found = self.recorded_dataset_dir(recorded.get("path"), recorded.get("name"))
+        if found is None:
+            raise UsageError(f"{model} was made with dataset {recorded.get('name')!r} ({recorded.get('path')}), "
+                             "which is not there any more: give --data")
+        return found
+
+    def _named_run(self, spec: str) -> Path | None:
+        """The run a plain `NAME` or `NAME:SUFFIX` names, if the workspace has it: a plain name is
+        the workspace's run first (write ./NAME for a folder of that name)."""
+        name = spec.partition(":")[0]
+        if os.sep in spec or Path(spec).suffix == ".safetensors" or not _NAME_RE.match(name):
+            return None
+        run = self.runs_dir / name
+        return run if run.is_dir() else None
 
     def resolve_model(self, spec: str) -> Path:
         """A model artefact from a `.safetensors` path or a run name (its model.safetensors).
@@ -125,11 +142,7 @@ class Workspace:
         A run name may carry a suffix: `RUN:best`, `RUN:last`.
         """
         path = Path(spec).expanduser()
-        run_name = spec.partition(":")[0]
-        plain = os.sep not in spec and path.suffix != ".safetensors" and bool(_NAME_RE.match(run_name))
-        if plain and (self.runs_dir / run_name).is_dir():
-            pass  # a plain name is the workspace's run first (write ./NAME for a folder of that name)
-        elif path.suffix == ".safetensors" or os.sep in spec or path.exists():
+        if self._named_run(spec) is None and (path.suffix == ".safetensors" or os.sep in spec or path.exists()):
             if path.is_file():
                 return path
             if path.is_dir() and (path / "model.safetensors").is_file():
@@ -160,8 +173,8 @@ class Workspace:
         name is the workspace's run first."""
         path = Path(spec).expanduser()
         name, _, method = spec.partition(":")
-        run = self.runs_dir / name
-        if not (os.sep not in spec and path.suffix != ".safetensors" and _NAME_RE.match(name) and run.is_dir()):
+        run = self._named_run(spec)
+        if run is None:
             if path.is_file():
                 return path
             if path.suffix == ".safetensors" or os.sep in spec:

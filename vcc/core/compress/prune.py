@@ -716,6 +716,14 @@ class PruneJob:
             raise UsageError(f"--round-to must be >= 1, got {self.round_to}")
 
 
+def needs_data(method: str, *, finetune_epochs: int = 0, steps: int = 1, ranked: bool = False) -> bool:
+    """Whether pruning reads a dataset: VIB and finetuning train on it, and taylor/oracle rank on
+    its activations at every step (a given ranking, `ranked`, serves the first)."""
+    from vcc.core.compress.rank import DATA_METHODS
+
+    return method == "vib" or finetune_epochs > 0 or (method in DATA_METHODS and (not ranked or steps > 1))
+
+
 def summarise(model: nn.Module, meta: Any, data: Any, job: PruneJob, progress: ProgressFn | None = None) -> dict[str, Any]:
     """params, MACs, CPU latency at batch 1, (with data) accuracy, and non-zero params of a masked model."""
     from vcc.core.evaluate import summarise_model
