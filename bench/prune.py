@@ -54,6 +54,43 @@ def tp_magnitude_prune(model, meta, target: float, base_macs: int):
     return best[0], best[1], hi
 
 
+def machine_state() -> dict:
+    """How fast this machine is right now, to read the latency figures by: a 256x256 float32
+    matmul's ms on each core alone (pinned, 1 thread), and how much a second thread speeds up a
+    64x64 matmul (sized like r3d_tiny's small convs). On a shared VM both change from minute to minute."""
+    import os
+
+    import torch
+
+    def ms(a: torch.Tensor, n: int) -> float:
+        for _ in range(20):
+            a @ a
+        t = time.perf_counter()
+        for _ in range(n):
+            a @ a
+        return (time.perf_counter() - t) * 1000 / n
+
+    threads = torch.get_num_threads()
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    out: dict = {"matmul_256_ms_per_core": {}}
+    try:
+        torch.set_num_threads(1)
+        big = torch.randn(256, 256)
+        for c in cores:
+            os.sched_setaffinity(0, {c})
+            out["matmul_256_ms_per_core"][f"cpu{c}"] = round(statistics.median(ms(big, 200) for _ in range(3)), 4)
+    finally:
+        if cores:
+            os.sched_setaffinity(0, set(cores))
+    small = torch.randn(64, 64)
+    one = statistics.median(ms(small, 2000) for _ in range(3))
+    torch.set_num_threads(2)
+    two = statistics.median(ms(small, 2000) for _ in range(3))
+    out["matmul_64_second_thread_speedup"] = round(one / two, 3)
+    torch.set_num_threads(threads)
+    return out
+
+
 def _runtime_forms(runtime: str, models: dict, meta, x, threads: list[int], tmp: Path, fold: bool) -> dict:
     """{(model key, threads): callable x -> output} for one runtime (built once per model and thread count)."""
     import torch
@@ -205,6 +242,7 @@ def main() -> None:
     runtimes = [r.strip() for r in args.latency_runtimes.split(",") if r.strip()]
     threads = [int(t) for t in args.latency_threads.split(",") if t.strip()]
     forms = {rt: _runtime_forms(rt, timed, meta, x, threads, Path(ws.root), fold) for rt in runtimes}
+    machine = {"before_latency": machine_state()}
     latency: dict[str, dict] = {}
     for rt in runtimes:
         for th in threads:
@@ -226,6 +264,7 @@ def main() -> None:
                             b / p / (base_macs / results[k]["macs"]) for b, p in zip(lat["base"], lat[k], strict=True)]) else None,
                     })}
                 for k in lat}
+    machine["after_latency"] = machine_state()
     torch.set_num_threads(2)
     for k in pruned_models:
         results[k]["macs_reduction"] = round(base_macs / results[k]["macs"], 3)
@@ -247,6 +286,7 @@ def main() -> None:
         "unpruned": {"macs": base_macs, "params": base_params, "video_top1": base_eval["video_top1"],
                      "clip_top1": base_eval["clip_top1"], "latency": {t: v["base"] for t, v in latency.items()}},
         "methods": results,
+        "machine": machine,
         "goals": None if taylor is None else {
             "taylor_top1_within_1pt": taylor["top1_gap_points"] <= 1.0,
             **{f"taylor_speedup_ge_0.8x_macs_reduction_{t}": v["taylor"]["speedup_over_macs_reduction"] >= 0.8

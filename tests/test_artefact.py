@@ -23,6 +23,7 @@ from vcc.core.artefact import (
     recorded_dataset,
     save_model,
     save_tensors,
+    sha256_file,
 )
 from vcc.core.errors import ArtefactError
 from vcc.core.models import build_model
@@ -270,3 +271,18 @@ def test_a_file_that_is_not_an_artefact_says_what_it_looks_like(tmp_path: Path, 
     msg = str(err.value)
     assert "\n" not in msg
     assert (needle in msg) if needle else ("; it" not in msg)
+
+
+def test_sha256_file_is_remembered_but_follows_a_rewrite(tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    p = tmp_path / "m.bin"
+    p.write_bytes(b"a" * 1000)
+    assert sha256_file(p) == hashlib.sha256(b"a" * 1000).hexdigest()
+    p.write_bytes(b"b" * 1000)  # same size: the new mtime tells the file changed
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert sha256_file(p) == hashlib.sha256(b"b" * 1000).hexdigest()
+    p.write_bytes(b"c" * 10)  # another size
+    assert sha256_file(p) == hashlib.sha256(b"c" * 10).hexdigest()

@@ -110,12 +110,15 @@ def test_bad_option_value_is_one_line() -> None:
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--split" in lines[0], res.stderr
+    res = run_vcc("--threads", "0", "macs", "r3d_tiny")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "--threads" in res.stderr, res.stderr
     res = run_vcc("--bogus")
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: No such option: --bogus (see `vcc -h`)"]
 
 
 @pytest.mark.parametrize(("args", "hint"), [
     (["macs", "r3d_tiny", "-q"], "error: -q is a global option: put it before the command, e.g. `vcc -q macs ...`"),
+    (["macs", "r3d_tiny", "--threads", "1"], "error: --threads is a global option: put it before the command, e.g. `vcc --threads VALUE macs ...`"),
     (["prepare", "synthetic", "--workspace", "/x"],
      "error: --workspace is a global option: put it before the command, e.g. `vcc --workspace VALUE prepare synthetic ...`"),
 ])

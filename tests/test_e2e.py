@@ -100,6 +100,9 @@ def test_demo_quick_runs_the_whole_job(tmp_path: Path) -> None:
     assert any("VIB" in s for s in stages) and any("WISE" in s for s in stages)
     rows = {r["stage"]: r for r in doc["rows"]}
     assert rows["pruned (taylor, 50% MACs)"]["macs"] <= 0.55 * rows["trained r3d_tiny"]["macs"]
+    for r in doc["rows"]:  # every model row is timed (side by side), the WISE row is a sweep
+        assert ("WISE" in r["stage"]) == (r["latency_ms"] is None), r
+        assert "WISE" in r["stage"] or r["latency_threads"] >= 1
     for path in doc["runs"].values():
         assert Path(path).is_file()
     macs = vcc_json(ws, "macs", "demo-ported")

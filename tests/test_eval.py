@@ -14,6 +14,7 @@ from vcc.cli import app
 from vcc.core.artefact import ModelMeta, input_spec, load_model, save_model
 from vcc.core.data.manifest import load_dataset
 from vcc.core.evaluate import (
+    add_paired_latency,
     confusion_matrix,
     measure_latency,
     topk_accuracy,
@@ -54,6 +55,17 @@ def test_measure_latency_positive() -> None:
     assert 0 < ms < 10_000 and model.training  # mode restored
 
 
+def test_paired_latency_times_each_model_in_its_row() -> None:
+    model = build_model("r3d_tiny", num_classes=4).train()
+    small = ModelMeta(arch="r3d_tiny", num_classes=4, classes=["a", "b", "c", "d"], input=input_spec(8, 32))
+    large = ModelMeta(arch="r3d_tiny", num_classes=4, classes=["a", "b", "c", "d"], input=input_spec(8, 64))  # 4x the MACs
+    fast, slow = {"macs": 1}, {"macs": 4}
+    add_paired_latency([(slow, model, large), (fast, model, small)], runs=5)
+    assert slow["latency_ms"] > 2 * fast["latency_ms"] > 0  # in order, each its own row's
+    assert slow["latency_threads"] == fast["latency_threads"] == torch.get_num_threads()
+    assert model.training  # its mode is restored
+
+
 def test_inference_form_folds_batchnorm_and_keeps_outputs() -> None:
     from vcc.core.evaluate import inference_form
 
@@ -89,8 +101,11 @@ def test_eval_cli_json(ws, tiny_synthetic, tiny_model) -> None:
     assert Path(doc["confusion_csv"]) == tiny_model.parent / f"tiny_model.confusion-{ds}-test.csv"
     csv = Path(doc["confusion_csv"]).read_text().splitlines()
     assert csv[0].split(",")[1:] == ["up", "down", "sideways", "still"] and len(csv) == 5
-    train = json.loads(run_vcc("eval", str(tiny_model), "--data", str(tiny_synthetic), "--split", "train", "--clips", "1",
+    assert doc["latency_threads"] >= 1
+    # the global --threads reaches torch (set before it is imported) and is reported with the latency
+    train = json.loads(run_vcc("--threads", "1", "eval", str(tiny_model), "--data", str(tiny_synthetic), "--split", "train", "--clips", "1",
                                "--device", "cpu", "-f", "json", check=True).stdout)
+    assert train["latency_threads"] == 1
     assert Path(train["confusion_csv"]).name == f"tiny_model.confusion-{ds}-train.csv"
     assert Path(doc["confusion_csv"]).read_text().splitlines() == csv  # the test split's file is kept
     assert "Traceback" not in proc.stderr

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         """
         from vcc.commands._common import ProgressHook, log, progress, render, workspace
         from vcc.core.demo import run_demo
-        from vcc.core.report import Report, Table, percent
+        from vcc.core.report import Report, Table, latency_label, percent
         from vcc.core.workspace import check_name
 
         check_name(prefix, "prefix")
@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         log(f"workspace: {ws.root}")
         with progress(transient=True) as prog:
             res = run_demo(ws, quick=quick, prefix=prefix, progress=ProgressHook(prog), log=log)
-        table = Table(["stage", "run", "params", "MACs", "CPU latency ms (batch 1)", "video top-1 %"],
+        threads = next((r["latency_threads"] for r in res.rows if r.get("latency_threads")), None)
+        table = Table(["stage", "run", "params", "MACs", latency_label(threads, device="CPU"), "video top-1 %"],
                       title="vcc demo: one clip of 3x8x32x32 per forward, MACs = multiply-accumulates")
         for r in res.rows:
             table.add(r["stage"], r["run"], r["params"], r["macs"], r["latency_ms"], percent(r["video_top1"]))

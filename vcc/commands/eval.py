@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from vcc.core.data.manifest import load_dataset
         from vcc.core.errors import UsageError
         from vcc.core.evaluate import evaluate
-        from vcc.core.report import Report, Table, percent
+        from vcc.core.report import Report, Table, latency_label, percent
         from vcc.core.training import check_classes, resolve_device
         from vcc.core.workspace import atomic_write_text
 
@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
             summary.add(key.replace("_", " "), percent(res[key]))
         summary.add("videos", res["videos"])
         summary.add("clips", res["clips"])
-        summary.add("latency ms (batch 1)", res["latency_ms"])
+        summary.add(latency_label(res.get("latency_threads")), res["latency_ms"])
         summary.add("clips/s (model)", res["clips_per_s"])
         summary.add("clips/s (with decoding)", res["end_to_end_clips_per_s"])
         per_class = Table(["class", "videos", "video top-1 %"], title="per class")
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
 
 def _early_exit_report(res: dict, title: str):
     """`vcc eval --threshold`: the same conventions as a plain eval (accuracies in %, exact MACs)."""
-    from vcc.core.report import Report, Table, percent
+    from vcc.core.report import Report, Table, latency_label, percent
 
     summary = Table(["metric", "value"], title=title)
     summary.add("video top1", percent(res["accuracy"]))
@@ -126,8 +126,8 @@ def _early_exit_report(res: dict, title: str):
     summary.add("MACs per clip (average)", int(round(res["macs"])))
     summary.add("MACs at the last exit", res["macs_full"])
     summary.add("% of the last exit's MACs", round(100 * res["macs"] / res["macs_full"], 1) if res["macs_full"] else None)
-    summary.add("latency ms (batch 1, median)", round(res["latency_ms"], 3))
-    summary.add("latency ms (batch 1, mean)", round(res["latency_mean_ms"], 3))
+    summary.add(latency_label(res.get("latency_threads"), "median"), round(res["latency_ms"], 3))
+    summary.add(latency_label(res.get("latency_threads"), "mean"), round(res["latency_mean_ms"], 3))
     exits = Table(["exit", "stage", "cumulative MACs", "clips leaving %"], title="exits")
     for i, row in enumerate(res["exits"]):
         exits.add(i + 1, row.get("stage"), int(row["macs"]), percent(row["share"], 1))

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         from vcc.core.artefact import load_model, provenance, save_model
         from vcc.core.compress import compare_table
         from vcc.core.compress.port import export_onnx, port_model
-        from vcc.core.evaluate import summarise_model
+        from vcc.core.evaluate import add_paired_latency, summarise_model
         from vcc.core.report import Report, Table
         from vcc.core.workspace import atomic_dir
 
@@ -47,8 +47,9 @@ def register(app: typer.Typer) -> None:
         net, meta = load_model(model_path)
         dense, dense_meta, info = port_model(net, meta)
 
-        before = summarise_model(net, meta, data_path, clips=clips, latency_runs=latency_runs)
-        after = summarise_model(dense, dense_meta, data_path, clips=clips, latency_runs=latency_runs)
+        before = summarise_model(net, meta, data_path, clips=clips, latency_runs=0)
+        after = summarise_model(dense, dense_meta, data_path, clips=clips, latency_runs=0)
+        add_paired_latency([(before, net, meta), (after, dense, dense_meta)], runs=latency_runs)
         dense_meta.provenance = provenance(parent=model_path, metrics={**{k: v for k, v in after.items()}, "max_abs_diff": info.get("max_abs_diff")})
         dense_meta.extra = {**dense_meta.extra, "port": {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, dict))}}
         onnx_info = None

@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
             target = s.get("target_macs", s.get("sparsity"))
             steps_t.add(s["step"], target, s.get("ratio", s.get("masked_fraction")), s.get("macs"), s.get("params"), sum((s.get("removed") or {}).values()) if "removed" in s else None)
         tables = [compare_table(res["before"], res["after"], title=f"vcc prune --method {method_l}: {model} -> {run_name}"), steps_t]
-        notes = ["MACs = multiply-accumulates for one clip; latency = median CPU forward at batch 1 (this machine; BatchNorm folded, each conv on its fastest CPU kernel, frozen by TorchScript where faster)."]
+        notes = ["MACs = multiply-accumulates for one clip; latency = median CPU forward at batch 1 (this machine, on the threads named: `vcc --threads N prune ...` picks them; BatchNorm folded, each conv on its fastest CPU kernel, frozen by TorchScript where faster)."]
         if method_l == "magnitude":
             notes.append("Masks do not make the dense model faster: run `vcc port` to drop fully masked channels.")
         if any(s.get("selected_on") == "test" for s in res["steps"]):

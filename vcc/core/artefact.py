@@ -22,8 +22,10 @@ Other artefacts (rankings, logits) use the same container with ``format`` set to
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -190,7 +192,14 @@ def recorded_dataset(source: str | Path | ModelMeta) -> dict[str, str] | None:
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file."""
+    """Hex sha256 of a file (remembered per path, size and mtime: a training run's every
+    checkpoint records its parent's hash without reading the parent again)."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

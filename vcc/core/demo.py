@@ -59,11 +59,11 @@ class DemoResult:
 
 
 def _measure(model: nn.Module, meta: ModelMeta, info: Any, plan: DemoPlan, progress: ProgressFn | None) -> dict[str, Any]:
-    """params, MACs, CPU latency (batch 1) and video top-1 of a model on the test split."""
+    """params, MACs and video top-1 of a model on the test split (latency: timed side by side at the end)."""
     from vcc.core.evaluate import summarise_model
 
-    row = summarise_model(model, meta, info, clips=plan.eval_clips, latency_runs=plan.latency_runs, progress=progress)
-    return {k: row[k] for k in ("params", "macs", "latency_ms", "video_top1")}
+    row = summarise_model(model, meta, info, clips=plan.eval_clips, latency_runs=0, progress=progress)
+    return {k: row[k] for k in ("params", "macs", "video_top1")}
 
 
 def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device: str = "cpu",
@@ -76,6 +76,7 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
     from vcc.core.compress.vib import prune_vib
     from vcc.core.data.manifest import load_dataset
     from vcc.core.data.synthetic import prepare_synthetic
+    from vcc.core.evaluate import add_paired_latency
     from vcc.core.exits import train_exits
     from vcc.core.training import TrainConfig
     from vcc.core.wise import run_wise
@@ -121,9 +122,12 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
         pres = prune_model(base_path, info, job, tmp, progress=progress)
     pruned_path = pruned_dir / "model.safetensors"
     out.runs["pruned"] = str(pruned_path)
-    keys = ("params", "macs", "latency_ms", "video_top1")
+    keys = ("params", "macs", "video_top1")
+    timed: list[tuple[dict[str, Any], nn.Module, ModelMeta]] = []  # every row's model, timed side by side at the end
     out.rows.append({"stage": "trained r3d_tiny", "run": names["r3d"], **{k: pres["before"].get(k) for k in keys}})
+    timed.append((out.rows[-1], model, meta))
     out.rows.append({"stage": "pruned (taylor, 50% MACs)", "run": names["pruned"], **{k: pres["after"].get(k) for k in keys}})
+    timed.append((out.rows[-1], *load_model(pruned_path)))
     stage("prune")
 
     say("4/7 fine-tuning the pruned model and porting it")
@@ -133,12 +137,14 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
     out.runs["finetuned"] = str(ft.fit.model_path)
     ft_row = _measure(fm, fmeta, info, plan, progress)
     out.rows.append({"stage": "finetuned", "run": names["finetuned"], **ft_row})
+    timed.append((out.rows[-1], fm, fmeta))
     dense, dmeta, pinfo = port_model(fm, fmeta)
     dmeta.provenance = provenance(parent=ft.fit.model_path, metrics={"max_abs_diff": pinfo.get("max_abs_diff")})
     ported_path = save_model(ws.run_dir(names["ported"], create=True) / "model.safetensors", dense, dmeta)
     out.runs["ported"] = str(ported_path)
     ported_row = _measure(dense, dmeta, info, plan, progress) if pinfo.get("changed", True) else ft_row
     out.rows.append({"stage": "ported (dense)", "run": names["ported"], **ported_row})
+    timed.append((out.rows[-1], dense, dmeta))
     stage("finetune+port")
 
     say("5/7 training a CNN-LSTM, compressing its LSTM with VIB, porting to a dense nn.LSTM")
@@ -148,6 +154,7 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
     lm, lmeta = load_model(lrun.fit.model_path)
     out.runs["cnn_lstm"] = str(lrun.fit.model_path)
     out.rows.append({"stage": "cnn_lstm", "run": names["lstm"], **_measure(lm, lmeta, info, plan, progress)})
+    timed.append((out.rows[-1], lm, lmeta))
     vib_cfg = dataclasses.replace(lstm_cfg, epochs=plan.vib_epochs, lr=1e-3, warmup=0)
     vib_dir = ws.run_dir(names["vib"])
     with atomic_dir(vib_dir) as tmp:
@@ -164,7 +171,10 @@ def run_demo(ws: Workspace, *, quick: bool = False, prefix: str = "demo", device
         if key in vinfo:
             row[key] = vinfo[key]
     out.rows.append(row)
+    timed.append((row, vdense, vmeta))
     stage("vib")
+    add_paired_latency(timed, runs=plan.latency_runs)  # interleaved rounds: the rows' ratios share the machine's noise
+    stage("latency")
 
     say("6/7 early exits on the trained r3d_tiny (progressive KD)")
     ecfg = dataclasses.replace(base_cfg, epochs=plan.exit_epochs, lr=3e-3, warmup=0)

@@ -5,8 +5,9 @@ A video's score is the mean of its clips' softmax (K temporal clips x 1 or 3 spa
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -154,7 +155,8 @@ def evaluate(
     """Evaluate `model` on a dataset split: accuracies (fractions), per-class, confusion, speed.
 
     Keys: clip_top1, clip_top5, video_top1, video_top5, videos, clips, latency_ms (batch 1,
-    median; None with ``latency_runs=0``, for callers that only want accuracy), clips_per_s (model forward throughput at `batch_size`), end_to_end_clips_per_s
+    median; None with ``latency_runs=0``, for callers that only want accuracy), latency_threads
+    (the CPU threads it was timed on; None on a GPU), clips_per_s (model forward throughput at `batch_size`), end_to_end_clips_per_s
     (including decoding), per_class ({class: video accuracy}), confusion (video level,
     rows = true class), classes, videos_in_split and load_failures (a video that cannot be read
     is left out of the accuracies: ``videos`` < ``videos_in_split``).
@@ -192,6 +194,7 @@ def evaluate(
         "videos": int(len(vl)),
         "clips": int(len(labels)),
         "latency_ms": None if latency is None else round(latency, 3),
+        "latency_threads": torch.get_num_threads() if latency is not None and dev.type == "cpu" else None,
         "clips_per_s": round(len(labels) / max(1e-9, timing["model_s"]), 2),
         "end_to_end_clips_per_s": round(len(labels) / max(1e-9, timing["total_s"]), 2),
         "split": split,
@@ -217,16 +220,51 @@ def summarise_model(
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """One before/after row: params, MACs, CPU latency at batch 1 and, with `data`, test video/clip top-1."""
+    """One before/after row: params, MACs, CPU latency at batch 1 (not with ``latency_runs=0``: a
+    pair of rows is timed side by side by :func:`add_paired_latency`) and, with `data`, test
+    video/clip top-1."""
     from vcc.core.macs import count_macs
 
     counted = count_macs(model, meta.input_shape, by_layer=False)
     doc: dict[str, Any] = {"params": int(counted.params), "macs": int(counted.macs)}
     model = model.cpu().eval()
-    doc["latency_ms"] = round(measure_latency(model, meta, "cpu", batch=1, warmup=min(5, latency_runs), runs=latency_runs), 3)
+    if latency_runs > 0:
+        doc["latency_ms"] = round(measure_latency(model, meta, "cpu", batch=1, warmup=min(5, latency_runs), runs=latency_runs), 3)
+        doc["latency_threads"] = torch.get_num_threads()
     if data is not None:
         res = evaluate(model, meta, data, split="test", clips=clips, device=device, progress=progress, latency_runs=0)
         doc["video_top1"] = res["video_top1"]
         doc["clip_top1"] = res["clip_top1"]
         model.cpu()
     return doc
+
+
+def paired_latency(models: Sequence[tuple[nn.Module, ModelMeta]], *, runs: int = 10, rounds: int = 5, min_s: float = 0.2) -> list[float]:
+    """Batch-1 CPU latency in ms of each (model, meta), timed side by side: each in its inference
+    form (:func:`vcc.core.inference.inference_form`), in `rounds` interleaved rounds of about
+    `runs` / `rounds` forwards (at least `min_s` / `rounds` seconds) each, the median of the
+    rounds' medians. Timed one after the other, two copies of one model could read 0.8 and 1.2 ms
+    on a busy machine; interleaved, a burst of noise falls on both."""
+    forms, inputs = [], []
+    for model, meta in models:
+        was_training = model.training
+        model = model.cpu().eval()
+        x = torch.randn(1, *meta.input_shape)
+        forms.append(inference_form(model, x))
+        inputs.append(x)
+        model.train(was_training)
+    per_round = max(1, -(-runs // rounds))
+    times: list[list[float]] = [[] for _ in forms]
+    for _ in range(rounds):
+        for i, (fn, x) in enumerate(zip(forms, inputs, strict=True)):
+            times[i].append(median_ms(fn, x, warmup=2, runs=per_round, min_s=min_s / rounds))
+    return [float(statistics.median(t)) for t in times]
+
+
+def add_paired_latency(rows: Sequence[tuple[dict[str, Any], nn.Module, ModelMeta]], runs: int = 10) -> None:
+    """Set ``latency_ms`` and ``latency_threads`` of each summary row (:func:`summarise_model`)
+    from :func:`paired_latency` of its model: before/after rows whose ratio means something."""
+    ms = paired_latency([(m, meta) for _, m, meta in rows], runs=runs)
+    for (doc, _, _), v in zip(rows, ms, strict=True):
+        doc["latency_ms"] = round(v, 3)
+        doc["latency_threads"] = torch.get_num_threads()

@@ -650,6 +650,7 @@ def evaluate_early_exit(
         "clip_accuracy": clip_correct / len(exit_idx),
         "latency_ms": float(times_t.median()),
         "latency_mean_ms": float(times_t.mean()),
+        "latency_threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "macs": average_macs(exit_idx, cum),
         "macs_full": int(cum[-1]),
         "videos": len(probs),

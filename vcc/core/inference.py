@@ -372,11 +372,6 @@ def fastest(candidates: list[Callable[[torch.Tensor], Any]], example: torch.Tens
     return candidates[min(range(len(candidates)), key=lambda i: (medians[i], i))]
 
 
-def faster(a: nn.Module, b: nn.Module, example: torch.Tensor, rounds: int = 15, budget_s: float = 0.5) -> nn.Module:
-    """Whichever of `a` and `b` runs `example` faster (:func:`fastest`); `a` must win, ties go to `b`."""
-    return fastest([b, a], example, rounds, budget_s)
-
-
 def _choice_key(conv: nn.Conv3d, x: torch.Tensor) -> tuple:
     return (tuple(x.shape), tuple(x.stride()), tuple(conv.weight.shape), conv.bias is not None, conv.stride,
             conv.padding, conv.dilation, torch.get_num_threads())

@@ -60,6 +60,12 @@ def percent(fraction: float | None, digits: int = 2) -> float | None:
     return None if fraction is None else round(100.0 * fraction, digits)
 
 
+def latency_label(threads: int | None, stat: str = "", device: str = "") -> str:
+    """A latency row's name, with what it was timed on: 'CPU latency ms (batch 1, 2 threads)'."""
+    parts = ["batch 1", *([f"{threads} thread{'s' if threads != 1 else ''}"] if threads else []), *([stat] if stat else [])]
+    return f"{device + ' ' if device else ''}latency ms ({', '.join(parts)})"
+
+
 def human_count(n: float, unit: str = "") -> str:
     """1234567 -> '1.23 M'; used for MACs and parameter counts."""
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):

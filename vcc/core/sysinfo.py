@@ -26,3 +26,26 @@ def device_name(device: object = None) -> str:
     if dev.type == "cuda":
         return f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})"
     return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def set_cpu_threads(n: int) -> None:
+    """Run PyTorch's CPU ops on `n` threads in this process (and in the processes it starts).
+
+    Before torch is imported this sets OMP_NUM_THREADS / MKL_NUM_THREADS, which PyTorch reads when
+    its thread pool starts (no torch import here: `vcc --threads 1 --help` stays fast); after, it
+    calls ``torch.set_num_threads``.
+    """
+    import sys
+
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def cpu_threads() -> int:
+    """How many threads PyTorch's CPU ops run on in this process."""
+    import torch
+
+    return torch.get_num_threads()

@@ -725,11 +725,11 @@ def needs_data(method: str, *, finetune_epochs: int = 0, steps: int = 1, ranked:
 
 
 def summarise(model: nn.Module, meta: Any, data: Any, job: PruneJob, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """params, MACs, CPU latency at batch 1, (with data) accuracy, and non-zero params of a masked model."""
+    """params, MACs, (with data) accuracy, and non-zero params of a masked model (latency: :func:`prune_model`)."""
     from vcc.core.evaluate import summarise_model
 
     dev = job.train.device if job.train is not None else "cpu"
-    doc = summarise_model(model, meta, data, clips=job.eval_clips, latency_runs=job.latency_runs, device=dev, progress=progress)
+    doc = summarise_model(model, meta, data, clips=job.eval_clips, latency_runs=0, device=dev, progress=progress)
     if any(hasattr(m, "weight_mask") for m in model.modules()):
         from vcc.core.compress.magnitude import sparsity_of
 
@@ -841,6 +841,9 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
             progress("prune steps", t, job.steps, {"macs": record.get("macs", "")})
     model = model.cpu().eval()
     after = summarise(model, meta, data, job, progress)
+    from vcc.core.evaluate import add_paired_latency
+
+    add_paired_latency([(before, *load_model(model_path)), (after, model, meta)], runs=job.latency_runs)  # side by side
     out_meta = meta.child()
     out_meta.provenance = provenance(parent=model_path, metrics={k: v for k, v in after.items() if k != "params"},
                                      dataset=dataset_ref(data) if data is not None else None)

@@ -636,7 +636,7 @@ def prune_vib(
 
     if kml < 0 or kl_factor < 0 or ib_lr <= 0:
         raise UsageError("--kml and --kl-factor must be >= 0 and --ib-lr > 0")
-    from vcc.core.evaluate import summarise_model
+    from vcc.core.evaluate import add_paired_latency, summarise_model
 
     run_dir = Path(run_dir)
     model, meta = load_model(model_path, device="cpu")
@@ -689,14 +689,16 @@ def prune_vib(
 
     before = None
     if summaries:  # the model as loaded (the one above now carries the new gates), once the options are known good
-        before = summarise_model(*load_model(model_path, device="cpu"), data, clips=eval_clips, latency_runs=latency_runs,
-                                 progress=progress)
+        before = summarise_model(*load_model(model_path, device="cpu"), data, clips=eval_clips, latency_runs=0, progress=progress)
     res = fit(model, meta, data, cfg, run_dir, criterion=criterion, param_groups=groups, epoch_hook=epoch_hook, progress=progress)
     last = Path(getattr(res, "last_path", None) or res.model_path)
     final, fmeta = load_model(last, device="cpu")
     summ = compression_summary(final)
     dense, dense_meta, info = port_vib(final, fmeta)
-    after = summarise_model(dense, dense_meta, data, clips=eval_clips, latency_runs=latency_runs, progress=progress) if summaries else None
+    after = None
+    if summaries:
+        after = summarise_model(dense, dense_meta, data, clips=eval_clips, latency_runs=0, progress=progress)
+        add_paired_latency([(before, *load_model(model_path, device="cpu")), (after, dense, dense_meta)], runs=latency_runs)
     set_gates(final, hard=True)
     for w in fmeta.wrappers:
         if w.get("name") == "vib":
