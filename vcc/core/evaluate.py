@@ -127,14 +127,8 @@ def measure_latency(model: nn.Module, meta: ModelMeta, device: str | torch.devic
     models run more than `runs` times, until `min_s` seconds are timed: ten 1-ms forwards are
     too few to outlast a neighbour's burst.
     """
-    device = resolve_device(device)
-    was_training = model.training
-    model.eval()
-    x = torch.randn(batch, *meta.input_shape, device=device)
-    timed = inference_form(model, x) if fold_bn else model
-    ms = median_ms(timed, x, warmup=warmup, runs=runs, min_s=min_s)
-    model.train(was_training)
-    return ms
+    return paired_latency([(model, meta)], device=device, batch=batch, warmup=warmup, runs=runs, rounds=1, min_s=min_s,
+                          fold_bn=fold_bn)[0]
 
 
 def evaluate(
@@ -229,8 +223,7 @@ def summarise_model(
     doc: dict[str, Any] = {"params": int(counted.params), "macs": int(counted.macs)}
     model = model.cpu().eval()
     if latency_runs > 0:
-        doc["latency_ms"] = round(measure_latency(model, meta, "cpu", batch=1, warmup=min(5, latency_runs), runs=latency_runs), 3)
-        doc["latency_threads"] = torch.get_num_threads()
+        add_paired_latency([(doc, model, meta)], runs=latency_runs)
     if data is not None:
         res = evaluate(model, meta, data, split="test", clips=clips, device=device, progress=progress, latency_runs=0)
         doc["video_top1"] = res["video_top1"]
@@ -239,25 +232,28 @@ def summarise_model(
     return doc
 
 
-def paired_latency(models: Sequence[tuple[nn.Module, ModelMeta]], *, runs: int = 10, rounds: int = 5, min_s: float = 0.2) -> list[float]:
-    """Batch-1 CPU latency in ms of each (model, meta), timed side by side: each in its inference
-    form (:func:`vcc.core.inference.inference_form`), in `rounds` interleaved rounds of about
-    `runs` / `rounds` forwards (at least `min_s` / `rounds` seconds) each, the median of the
-    rounds' medians. Timed one after the other, two copies of one model could read 0.8 and 1.2 ms
-    on a busy machine; interleaved, a burst of noise falls on both."""
+def paired_latency(models: Sequence[tuple[nn.Module, ModelMeta]], *, device: str | torch.device = "cpu", batch: int = 1,
+                   warmup: int = 2, runs: int = 10, rounds: int = 5, min_s: float = 0.2, fold_bn: bool = True) -> list[float]:
+    """Latency in ms at batch `batch` of each (model, meta), timed side by side (as
+    :func:`measure_latency` times one): `rounds` interleaved rounds of about `runs` / `rounds`
+    forwards (at least `min_s` / `rounds` seconds) each, the median of the rounds' medians.
+    Timed one after the other, two copies of one model could read 0.8 and 1.2 ms on a busy
+    machine; interleaved, a burst of noise falls on both. Each model's train/eval mode is kept."""
+    device = resolve_device(device)
+    modes = [model.training for model, _ in models]
     forms, inputs = [], []
     for model, meta in models:
-        was_training = model.training
-        model = model.cpu().eval()
-        x = torch.randn(1, *meta.input_shape)
-        forms.append(inference_form(model, x))
+        model = model.to(device).eval()
+        x = torch.randn(batch, *meta.input_shape, device=device)
+        forms.append(inference_form(model, x) if fold_bn else model)
         inputs.append(x)
-        model.train(was_training)
     per_round = max(1, -(-runs // rounds))
     times: list[list[float]] = [[] for _ in forms]
     for _ in range(rounds):
         for i, (fn, x) in enumerate(zip(forms, inputs, strict=True)):
-            times[i].append(median_ms(fn, x, warmup=2, runs=per_round, min_s=min_s / rounds))
+            times[i].append(median_ms(fn, x, warmup=warmup, runs=per_round, min_s=min_s / rounds))
+    for (model, _), training in zip(models, modes, strict=True):
+        model.train(training)
     return [float(statistics.median(t)) for t in times]
 
 

@@ -43,9 +43,3 @@ def set_cpu_threads(n: int) -> None:
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
 
-
-def cpu_threads() -> int:
-    """How many threads PyTorch's CPU ops run on in this process."""
-    import torch
-
-    return torch.get_num_threads()

@@ -841,9 +841,10 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
             progress("prune steps", t, job.steps, {"macs": record.get("macs", "")})
     model = model.cpu().eval()
     after = summarise(model, meta, data, job, progress)
-    from vcc.core.evaluate import add_paired_latency
+    if job.latency_runs > 0:  # 0: the caller times the models itself (vcc demo, beside its other rows)
+        from vcc.core.evaluate import add_paired_latency
 
-    add_paired_latency([(before, *load_model(model_path)), (after, model, meta)], runs=job.latency_runs)  # side by side
+        add_paired_latency([(before, *load_model(model_path)), (after, model, meta)], runs=job.latency_runs)  # side by side
     out_meta = meta.child()
     out_meta.provenance = provenance(parent=model_path, metrics={k: v for k, v in after.items() if k != "params"},
                                      dataset=dataset_ref(data) if data is not None else None)
