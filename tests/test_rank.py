@@ -123,9 +123,27 @@ def test_cli_sensitivity_writes_csv_png_and_table(ws, tiny_model: Path, tiny_syn
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(csv_path.open()))
     assert {r["ratio"] for r in rows} == {"0.0", "0.5"}
-    layers = {r["layer"] for r in rows}
-    assert layers == {"conv1", "layer1.0.conv1"}  # the groups not touching the ignored stages
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    assert layers == ["conv1", "layer1.0.conv1"]  # the groups not touching the ignored stages, in network order
     half = [r for r in rows if r["ratio"] == "0.5"]
     base_macs = int(rows[0]["macs"])
     assert all(int(r["macs"]) < base_macs for r in half)  # every row really pruned something
     assert len(doc["sensitivity"]) == len(rows)
+
+
+def test_sensitivity_lists_groups_in_network_order(tiny_model: Path, tiny_synthetic: Path) -> None:
+    """The dependency graph finds residual groups first (layer4's before the stem); the table and
+    the plot's legend follow the network instead, each group at its first conv."""
+    from vcc.core.compress.prune import Surgeon, clone, example_input
+    from vcc.core.compress.rank import rank
+    from vcc.core.compress.sensitivity import sensitivity
+
+    model, meta = load_model(tiny_model)
+    rows = sensitivity(model, meta, tiny_synthetic, rank(model, meta, "l1"), [0.5])
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    groups = {g.root: g for g in Surgeon(clone(model), example_input(meta)).groups}
+    assert set(layers) == set(groups) and len(rows) == 2 * len(groups)
+    pos = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    first = [min(pos[n] for n in [root, *groups[root].members]) for root in layers]
+    assert first == sorted(first)
+    assert layers[0] == "conv1"

@@ -210,3 +210,71 @@ def test_exact_thresholds_trace_every_distinct_decision() -> None:
     probes = torch.rand(500).tolist() + conf.tolist() + (conf - 1e-7).tolist() + [0.999999, 1.0, 1.1]
     seen = {tuple(exit_decisions(out, t).tolist()) for t in probes}
     assert seen == decisions and len(decisions) > 40
+
+
+def test_vcc_wise_saves_a_model_that_runs_its_weights(session_ws, tiny_synthetic: Path, multi_exit_model: Path, tmp_path: Path) -> None:
+    """`vcc wise` leaves a deployable artefact: the same exits plus their WISE weights, which
+    `vcc eval --threshold` runs (and charges) and `vcc macs` counts; training drops them."""
+    from vcc.core.artefact import load_model, load_tensors
+    from vcc.core.exits import evaluate_early_exit, exit_macs, has_combine
+    from vcc.core.wise import ensemble_macs, run_wise
+
+    torch.manual_seed(0)
+    run = tmp_path / "wise-model"
+    doc = run_wise(multi_exit_model, tiny_synthetic, run, iters=200, lam=0.0, thresholds=[0.0, 0.3, 1.1], device="cpu")
+    assert doc["files"]["model"] == str(run / "model.safetensors")
+    tensors, _ = load_tensors(run / "logits.safetensors", expect_format="vcc-logits")
+    beta = tensors["wise_weights"]
+    wise_model, wmeta = load_model(run / "model.safetensors")
+    plain, pmeta = load_model(multi_exit_model)
+    assert has_combine(wmeta) and not has_combine(pmeta)
+    assert torch.allclose(wise_model.combine, beta, atol=1e-6)
+    assert not torch.allclose(beta, vanilla_weights(4))  # fitted, so running it is not the plain exits
+    for key, value in plain.state_dict().items():  # the exits themselves are untouched
+        assert torch.equal(wise_model.state_dict()[key], value)
+    raw = [r["macs"] for r in exit_macs(plain, pmeta)]
+    charged = ensemble_macs(raw, 4, ensemble=True)
+    for thr in (0.0, 0.3):
+        own = evaluate_early_exit(wise_model, wmeta, tiny_synthetic, threshold=thr)
+        given = evaluate_early_exit(plain, pmeta, tiny_synthetic, threshold=thr, combine=beta)
+        vanilla = evaluate_early_exit(plain, pmeta, tiny_synthetic, threshold=thr)
+        assert own["ensemble"] and given["ensemble"] and not vanilla["ensemble"]
+        for key in ("accuracy", "clip_accuracy", "macs"):
+            assert own[key] == given[key]
+        assert [e["share"] for e in own["exits"]] == [e["share"] for e in given["exits"]]
+        assert [e["macs"] for e in own["exits"]] == charged
+    assert own["macs"] > 0
+    first = evaluate_early_exit(wise_model, wmeta, tiny_synthetic, threshold=0.0)
+    assert first["macs"] == raw[0] + 4  # every clip leaves at exit 1 and pays its 1*C weighted sum
+    # the CLI: eval says it runs the weighted exits; macs charges their sums
+    env = {"VCC_HOME": str(session_ws.root)}
+    out = json.loads(run_vcc("eval", str(run / "model.safetensors"), "--data", str(tiny_synthetic), "--threshold", "0",
+                             "--clips", "1", "--device", "cpu", "-f", "json", env=env, check=True).stdout)
+    assert out["ensemble"] is True and out["macs"] == first["macs"]
+    table = run_vcc("eval", str(run / "model.safetensors"), "--data", str(tiny_synthetic), "--threshold", "0",
+                    "--clips", "1", "--device", "cpu", env=env, check=True).stdout
+    assert "WISE-weighted" in table
+    macs = json.loads(run_vcc("macs", str(run / "model.safetensors"), "-f", "json", env=env, check=True).stdout)
+    assert [e["macs"] for e in macs["exits"]] == [int(m) for m in charged]
+    # finetuning moves the logits the weights were fitted on: the result has none (and says so)
+    ft = run_vcc("finetune", str(run / "model.safetensors"), "--data", str(tiny_synthetic), "-e", "1", "--name", "wise-ft",
+                 "--device", "cpu", env=env, check=True)
+    assert "WISE weights were dropped" in ft.stdout + ft.stderr
+    ft_model, ft_meta = load_model(session_ws.root / "runs" / "wise-ft" / "model.safetensors")
+    assert not has_combine(ft_meta) and ft_model.combine is None
+
+
+def test_ensemble_weights_are_checked() -> None:
+    from vcc.core.exits import combine_matrix, combine_rows
+
+    m = combine_matrix([[1.0], [0.5, 0.5], [0.2, 0.3, 0.5]], 3)
+    assert torch.equal(m, torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]]))
+    rows = combine_rows(m)  # ragged, as the metadata stores it (float32 values, exactly)
+    assert [len(r) for r in rows] == [1, 2, 3] and rows[2] == pytest.approx([0.2, 0.3, 0.5])
+    assert torch.equal(combine_matrix(m, 3), m)
+    with pytest.raises(UsageError, match="2 rows for 3 exits"):
+        combine_matrix([[1.0], [0.5, 0.5]], 3)
+    with pytest.raises(UsageError, match="cannot weigh later exits"):
+        combine_matrix(torch.ones(3, 3), 3)
+    with pytest.raises(UsageError, match="finite"):
+        combine_matrix([[float("nan")], [0.5, 0.5], [0.2, 0.3, 0.5]], 3)

@@ -60,7 +60,8 @@ def register(app: typer.Typer) -> None:
                 if not is_multi_exit(meta):
                     raise UsageError(f"--threshold needs a multi-exit model; {model!r} has no early exits (train some with `vcc train --exits`)")
                 res = evaluate_early_exit(net, meta, info, threshold=threshold, split=split, clips=clips, device=dev, progress=hook)
-                render(_early_exit_report(res, f"{model} on {info.name}/{split}, exit threshold {threshold:g}"), fmt)
+                how = ", WISE-weighted exits" if res["ensemble"] else ""
+                render(_early_exit_report(res, f"{model} on {info.name}/{split}, exit threshold {threshold:g}{how}"), fmt)
                 return
             res = evaluate(net, meta, info, split=split, clips=clips, crops=crops, batch_size=batch_size, device=dev,
                            workers=workers, progress=hook, amp=amp)
@@ -132,4 +133,6 @@ def _early_exit_report(res: dict, title: str):
     for i, row in enumerate(res["exits"]):
         exits.add(i + 1, row.get("stage"), int(row["macs"]), percent(row["share"], 1))
     notes = ["accuracies in %; every clip pays the MACs of everything it ran, the exit heads it passed included"]
+    if res.get("ensemble"):
+        notes.append("each exit's output is its WISE-weighted sum of exits 1..k (from `vcc wise`), whose k*C MACs are charged too")
     return Report(res, [summary, exits], notes)

@@ -84,6 +84,9 @@ def register(app: typer.Typer) -> None:
             notes.append(f"MACs above: one forward to the final classifier ({res.macs:,}), without the exit heads; the "
                          f"final exit's {exits[-1]['macs']:,} also charges every head a sample passes on the way "
                          "(params count the heads too).")
+            if getattr(tgt.model, "combine", None) is not None:
+                notes.append("WISE model: each exit it passes also costs its weighted sum of the exits so far (k*C MACs at "
+                             "exit k, C classes), counted in the per-exit MACs.")
         if res.ignored:
             notes.append(f"Not MACs (elementwise, pooling, norms): {', '.join(res.ignored)}.")
         if res.uncounted:

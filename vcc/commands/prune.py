@@ -137,10 +137,16 @@ def register(app: typer.Typer) -> None:
                 res = prune_model(model_path, data_path, job, tmp, progress=hook)
             res["model"] = str(run_dir / "model.safetensors")
         log(f"saved {res['model']}")
-        steps_t = Table(["step", "target", "ratio", "MACs", "params", "channels removed"], title="Steps")
-        for s in res["steps"]:
-            target = s.get("target_macs", s.get("sparsity"))
-            steps_t.add(s["step"], target, s.get("ratio", s.get("masked_fraction")), s.get("macs"), s.get("params"), sum((s.get("removed") or {}).values()) if "removed" in s else None)
+        if method_l == "magnitude":  # masks: no channels go, MACs and params stay
+            steps_t = Table(["step", "target sparsity", "weights masked (layer mean)"], title="Steps")
+            for s in res["steps"]:
+                steps_t.add(s["step"], s.get("sparsity") if s.get("sparsity") is not None else "per layer",
+                            round(s["masked_fraction"], 4))
+        else:
+            steps_t = Table(["step", "target", "ratio", "MACs", "params", "channels removed"], title="Steps")
+            for s in res["steps"]:
+                steps_t.add(s["step"], s.get("target_macs"), s.get("ratio"), s.get("macs"), s.get("params"),
+                            sum((s.get("removed") or {}).values()))
         tables = [compare_table(res["before"], res["after"], title=f"vcc prune --method {method_l}: {model} -> {run_name}"), steps_t]
         notes = ["MACs = multiply-accumulates for one clip; latency = median CPU forward at batch 1 (this machine, on the threads named: `vcc --threads N prune ...` picks them; BatchNorm folded, each conv on its fastest CPU kernel, frozen by TorchScript where faster)."]
         if method_l == "magnitude":

@@ -31,6 +31,8 @@ def register(app: typer.Typer) -> None:
         train (or on held-out videos: --fit-split val). Then it sweeps the exit
         threshold on test: accuracy, average MACs per video (each video pays
         everything it ran) and the share leaving at each exit. Writes
+        model.safetensors (the multi-exit model with its WISE weights: `vcc
+        eval NAME --threshold T` runs it, `vcc macs NAME` counts it),
         logits.safetensors, tradeoff.csv, wise.json and tradeoff.png into a new
         run, runs/NAME (default: wise-MODEL, -2, -3... when taken).
 
@@ -38,6 +40,7 @@ def register(app: typer.Typer) -> None:
 
           vcc wise base-exits -d synthetic
           vcc wise base-exits -d synthetic --lambda 0.01 --thresholds 0:1:21
+          vcc eval wise-base-exits --threshold 0.9   # the fitted WISE model
         """
         import shutil
         from pathlib import Path
@@ -60,8 +63,9 @@ def register(app: typer.Typer) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         doc["run"] = run_name
-        log(f"wrote {run_dir} (logits.safetensors, tradeoff.csv, wise.json, tradeoff.png)")
+        log(f"wrote {run_dir} (model.safetensors, logits.safetensors, tradeoff.csv, wise.json, tradeoff.png)")
         render(_report(doc), fmt)
+        log(f"run the weighted exits: vcc eval {run_name} --threshold T (T from the table above)")
 
 
 def _report(doc: dict):

@@ -92,7 +92,8 @@ def _feature_of(out: Any) -> torch.Tensor:
 class MultiExit(nn.Module):
     """A backbone plus ICs after some of its stages; the backbone's classifier is the last exit."""
 
-    def __init__(self, backbone: nn.Module, stages: Sequence[str], in_features: Sequence[int], num_classes: int, pool: str = "avg") -> None:
+    def __init__(self, backbone: nn.Module, stages: Sequence[str], in_features: Sequence[int], num_classes: int, pool: str = "avg",
+                 combine: Sequence[Sequence[float]] | torch.Tensor | None = None) -> None:
         super().__init__()
         if len(stages) != len(in_features):
             raise UsageError("exits: one in_features entry per stage is needed")
@@ -100,6 +101,9 @@ class MultiExit(nn.Module):
         self.exit_stages = list(stages)
         self.pool = pool
         self.heads = nn.ModuleList([ExitHead(int(c), num_classes, pool) for c in in_features])
+        # the exits' own ensemble weights (WISE, fitted by `vcc wise`): exit k outputs
+        # sum_j combine[k, j] * logits_j; None: every exit outputs its own logits
+        self.combine: torch.Tensor | None = None if combine is None else combine_matrix(combine, len(stages) + 1)
         self.freeze_backbone = False
         self._mode: str | None = None
         self._buf: list[torch.Tensor] = []
@@ -160,10 +164,11 @@ class MultiExit(nn.Module):
         """Run stage by stage; stop at the first exit whose max softmax > threshold (for every sample).
 
         `combine` (E, E), lower triangular, turns exit k's output into sum_j combine[k, j] * logits_j
-        (WISE or constant ensembles); None means the plain exits. Returns (logits, exit index).
+        (WISE or constant ensembles); None means the model's own :attr:`combine` (the plain exits
+        where it has none). Returns (logits, exit index).
         """
         self._mode, self._buf = "early", []
-        self._threshold, self._combine = float(threshold), combine
+        self._threshold, self._combine = float(threshold), self.combine if combine is None else combine
         try:
             final = self.backbone(x)
             out = _combined([*self._buf, final], combine)
@@ -172,6 +177,59 @@ class MultiExit(nn.Module):
             return stop.logits, stop.index
         finally:
             self._mode, self._buf, self._combine = None, [], None
+
+
+def combine_matrix(weights: Sequence[Sequence[float]] | torch.Tensor, n_exits: int) -> torch.Tensor:
+    """Ensemble weights as an (E, E) lower-triangular float32 matrix, from a matrix or from the
+    ragged rows artefacts store (row k: the weights of exits 1..k+1). Checked: finite, E rows."""
+    if isinstance(weights, torch.Tensor):
+        rows = weights.detach().float().cpu().tolist()
+    else:
+        rows = [list(r) for r in weights]
+    if len(rows) != n_exits:
+        raise UsageError(f"exits: ensemble weights have {len(rows)} rows for {n_exits} exits")
+    out = torch.zeros(n_exits, n_exits)
+    for k, row in enumerate(rows):
+        vals = [float(v) for v in row]
+        if len(vals) < k + 1 or not all(math.isfinite(v) for v in vals):
+            raise UsageError(f"exits: ensemble weights of exit {k + 1} must be {k + 1} finite numbers")
+        if any(v != 0.0 for v in vals[k + 1:]):
+            raise UsageError(f"exits: exit {k + 1}'s ensemble cannot weigh later exits")
+        out[k, : k + 1] = torch.tensor(vals[: k + 1])
+    return out
+
+
+def combine_rows(matrix: torch.Tensor) -> list[list[float]]:
+    """An (E, E) lower-triangular matrix as the ragged rows an artefact's metadata stores."""
+    return [[float(v) for v in matrix[k, : k + 1].tolist()] for k in range(matrix.shape[0])]
+
+
+def with_combine(meta: ModelMeta, weights: torch.Tensor | None) -> ModelMeta:
+    """A copy of a multi-exit model's metadata whose exits carry these ensemble weights (None: none)."""
+    wrappers = []
+    for w in meta.wrappers:
+        if w.get("name") == WRAPPER:
+            opts = {k: v for k, v in dict(w.get("options") or {}).items() if k != "combine"}
+            if weights is not None:
+                opts["combine"] = combine_rows(combine_matrix(weights, len(opts["stages"]) + 1))
+            w = {**w, "options": opts}
+        wrappers.append(w)
+    return meta.child(wrappers=wrappers)
+
+
+def drop_combine(model: nn.Module, meta: ModelMeta) -> tuple[nn.Module, ModelMeta]:
+    """Forget a multi-exit model's ensemble weights (training moves the logits they were fitted
+    on; refit with `vcc wise`). Anything else passes through unchanged."""
+    if not has_combine(meta):
+        return model, meta
+    if isinstance(model, MultiExit):
+        model.combine = None
+    return model, with_combine(meta, None)
+
+
+def has_combine(meta: ModelMeta) -> bool:
+    """Whether a multi-exit artefact carries ensemble weights (a `vcc wise` model)."""
+    return is_multi_exit(meta) and exit_options(meta).get("combine") is not None
 
 
 def _combined(outs: list[torch.Tensor], combine: torch.Tensor | None) -> torch.Tensor:
@@ -186,11 +244,13 @@ def _combined(outs: list[torch.Tensor], combine: torch.Tensor | None) -> torch.T
 
 
 @register_wrapper(WRAPPER)
-def exits_wrapper(model: nn.Module, stages: Sequence[str], in_features: Sequence[int], num_classes: int, pool: str = "avg") -> MultiExit:
-    """The registered ``"exits"`` wrapper: rebuilds a :class:`MultiExit` from its recorded options."""
+def exits_wrapper(model: nn.Module, stages: Sequence[str], in_features: Sequence[int], num_classes: int, pool: str = "avg",
+                  combine: Sequence[Sequence[float]] | None = None) -> MultiExit:
+    """The registered ``"exits"`` wrapper: rebuilds a :class:`MultiExit` from its recorded options
+    (`combine`: ensemble weights per exit, recorded by `vcc wise`)."""
     if pool not in POOLS:
         raise UsageError(f"exits: pool must be one of {', '.join(POOLS)}, not {pool!r}")
-    return MultiExit(model, stages, in_features, num_classes, pool)
+    return MultiExit(model, stages, in_features, num_classes, pool, combine)
 
 
 # ---------------------------------------------------------------- attaching
@@ -472,6 +532,7 @@ def train_exits(
     if kd not in KD_MODES:
         raise UsageError(f"--kd must be one of {', '.join(KD_MODES)}, not {kd!r}")
     model, meta = load_model(init_path, device="cpu")
+    model, meta = drop_combine(model, meta)
     if is_multi_exit(meta):
         opts = exit_options(meta)
         if exits not in ("auto", None) and resolve_stages(model.backbone, exits) != list(opts["stages"]):
@@ -603,6 +664,8 @@ def evaluate_early_exit(
     dev = resolve_device(device)
     info = dataset_info(data)
     model = model.to(dev).eval()
+    if combine is None:
+        combine = model.combine  # a `vcc wise` model's own ensemble weights, if any
     table = exit_macs(model, meta)
     if dev.type == "cpu":  # timed in the form `vcc eval` times plain models in (vcc.core.inference)
         from vcc.core.inference import fold_batchnorm, select_cpu_kernels
@@ -653,6 +716,7 @@ def evaluate_early_exit(
         "latency_threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "macs": average_macs(exit_idx, cum),
         "macs_full": int(cum[-1]),
+        "ensemble": combine is not None,
         "videos": len(probs),
         "clips": len(exit_idx),
         "exits": [{**row, "macs": m, "share": c / len(exit_idx)} for row, m, c in zip(table, cum, counts, strict=True)],

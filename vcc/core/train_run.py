@@ -239,11 +239,15 @@ def start_finetune(
     path = ws.resolve_model(model_spec)
     model, meta = load_model(path)
     check_classes(meta, list(info.classes), model_name=f"model {model_spec!r}", data_name=f"dataset {info.name!r}")
+    from vcc.core.exits import drop_combine, has_combine
+
+    notes = ["the WISE weights were dropped: they fit the old logits (refit with `vcc wise`)"] if has_combine(meta) else []
+    model, meta = drop_combine(model, meta)
     model.train()
     cfg = dataclasses.replace(cfg, frames=cfg.frames or meta.frames, size=cfg.size or meta.size)
     teacher_model, teacher_path = _load_teacher(ws, teacher, list(info.classes))
     stem = path.parent.name if path.name in ("model.safetensors", "best.safetensors", "last.safetensors") else path.stem
-    return _run(ws, info, model, meta, cfg, name, f"{stem}-ft", teacher_model, teacher_path, path, "finetune", [], progress)
+    return _run(ws, info, model, meta, cfg, name, f"{stem}-ft", teacher_model, teacher_path, path, "finetune", notes, progress)
 
 
 def _run(ws: Workspace, info: Any, model: nn.Module, meta: ModelMeta, cfg: TrainConfig, name: str | None, default_name: str,

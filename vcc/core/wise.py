@@ -265,9 +265,30 @@ def run_wise(
     csv_path, json_path, png_path = run_dir / "tradeoff.csv", run_dir / "wise.json", run_dir / "tradeoff.png"
     atomic_write_text(csv_path, tradeoff_csv(methods))
     plot_tradeoff(png_path, methods, full)
-    doc["files"] = {"logits": str(logits_path), "csv": str(csv_path), "json": str(json_path), "plot": str(png_path)}
+    model_out = run_dir / "model.safetensors"
+    save_wise_model(model_out, model, meta, beta, parent=model_path, info=info,
+                    settings={"lambda": lam, "iters": iters, "lr": lr, "fit_split": fit_split})
+    doc["files"] = {"model": str(model_out), "logits": str(logits_path), "csv": str(csv_path), "json": str(json_path),
+                    "plot": str(png_path)}
     atomic_write_json(json_path, doc)
     return doc
+
+
+def save_wise_model(path: str | Path, model: Any, meta: Any, weights: torch.Tensor, *, parent: str | Path, info: Any,
+                    settings: dict[str, Any]) -> Path:
+    """The multi-exit model with its WISE weights recorded, as one artefact: `vcc eval --threshold`
+    then runs the weighted exits, and `vcc macs` charges their sums."""
+    from vcc.core.artefact import dataset_ref, provenance, save_model
+    from vcc.core.exits import with_combine
+
+    out = with_combine(meta, weights)
+    out.extra = {**out.extra, "wise": dict(settings)}
+    out.provenance = provenance(parent, dataset=dataset_ref(info))
+    model.combine = weights.detach().float().cpu()
+    try:
+        return save_model(path, model, out)
+    finally:
+        model.combine = None
 
 
 def tradeoff_csv(methods: dict[str, list[dict[str, Any]]]) -> str:

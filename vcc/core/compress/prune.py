@@ -838,7 +838,7 @@ def prune_model(model_path: Any, data: Any, job: PruneJob, run_dir: Any, *, prog
                 record["finetune_val_top1"] = hist[-1].get("val_video_top1", hist[-1].get("val_top1"))
         steps_log.append(record)
         if progress:
-            progress("prune steps", t, job.steps, {"macs": record.get("macs", "")})
+            progress("prune steps", t, job.steps, {"macs": record["macs"]} if "macs" in record else {"masked": round(record["masked_fraction"], 3)})
     model = model.cpu().eval()
     after = summarise(model, meta, data, job, progress)
     if job.latency_runs > 0:  # 0: the caller times the models itself (vcc demo, beside its other rows)

@@ -28,8 +28,9 @@ def sensitivity(model: nn.Module, meta: Any, data: Any, scores: dict[str, torch.
                 progress: ProgressFn | None = None) -> list[dict[str, Any]]:
     """Rows (layer, coupled, ratio, removed, macs, video_top1, clip_top1) plus a ratio-0 baseline per layer.
 
-    Each "layer" is one coupled channel group, named by its root conv; pruning it removes the
-    lowest-scored `ratio` of the group's channels from every coupled conv.
+    Each "layer" is one coupled channel group, named by its root conv (the name `vcc prune`'s
+    per-layer ratios use), in network order; pruning it removes the lowest-scored `ratio` of the
+    group's channels from every coupled conv.
     """
     from vcc.core.compress.prune import Surgeon, clone, count_macs, example_input, group_scores
     from vcc.core.evaluate import evaluate
@@ -43,7 +44,12 @@ def sensitivity(model: nn.Module, meta: Any, data: Any, scores: dict[str, torch.
     rows: list[dict[str, Any]] = []
     total = len(probe.groups) * len(ratios)
     done = 0
-    for gi, g in enumerate(probe.groups):
+    # in network order (by each group's first conv), not the dependency graph's
+    pos = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    order_of = sorted(range(len(probe.groups)),
+                      key=lambda i: min(pos.get(n, len(pos)) for n in [probe.groups[i].root, *probe.groups[i].members]))
+    for gi in order_of:
+        g = probe.groups[gi]
         rows.append({"layer": g.root, "coupled": len(g.members), "channels": g.size, "ratio": 0.0, "removed": 0,
                      "macs": base_macs, "video_top1": base["video_top1"], "clip_top1": base["clip_top1"]})
         order = torch.argsort(gscores[gi], stable=True).tolist()
