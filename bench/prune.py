@@ -171,6 +171,7 @@ def main() -> None:
     from vcc.core.data.synthetic import prepare_synthetic
     from vcc.core.evaluate import evaluate, median_ms
     from vcc.core.models import build_model
+    from vcc.core.sysinfo import CpuContention
     from vcc.core.training import TrainConfig, fit
     from vcc.core.workspace import Workspace
 
@@ -248,11 +249,13 @@ def main() -> None:
         for th in threads:
             torch.set_num_threads(th)
             lat: dict[str, list[float]] = {k: [] for k in timed}
-            for _ in range(args.latency_rounds):
-                for k in timed:
-                    lat[k].append(median_ms(forms[rt][(k, th)], x, warmup=5, runs=args.latency_runs))
+            with CpuContention() as contention:  # other processes' cores while timing: > 0.5 means noise
+                for _ in range(args.latency_rounds):
+                    for k in timed:
+                        lat[k].append(median_ms(forms[rt][(k, th)], x, warmup=5, runs=args.latency_runs))
             med = {k: statistics.median(v) for k, v in lat.items()}
             key = f"threads_{th}" if rt == "eager" else f"{rt}_threads_{th}"
+            machine.setdefault("busy_cores_while_timing", {})[key] = contention.others
             latency[key] = {
                 k: {"latency_ms": round(med[k], 3), "latency_min_ms": round(min(lat[k]), 3),
                     "form": "torchscript" if isinstance(forms[rt][(k, th)], torch.jit.ScriptModule) else "python",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
@@ -95,6 +96,11 @@ def render(report: Report, fmt: Format) -> None:
     """Print a Report on stdout in the chosen format."""
     from vcc.core import report as rp
 
+    busy = rp.busy_note(report.doc)
+    if busy and fmt in (Format.json, Format.csv):
+        log(f"warning: {busy}")
+    elif busy:
+        report = dataclasses.replace(report, notes=[*report.notes, busy])
     if fmt == Format.json:
         sys.stdout.write(rp.to_json(report.doc) + "\n")
         return

@@ -40,7 +40,6 @@ def register(app: typer.Typer) -> None:
 
           vcc wise base-exits -d synthetic
           vcc wise base-exits -d synthetic --lambda 0.01 --thresholds 0:1:21
-          vcc eval wise-base-exits --threshold 0.9   # the fitted WISE model
         """
         import shutil
         from pathlib import Path

@@ -118,7 +118,7 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
 
 
 def measure_latency(model: nn.Module, meta: ModelMeta, device: str | torch.device = "cpu", batch: int = 1, warmup: int = 3,
-                    runs: int = 10, fold_bn: bool = True, min_s: float = 0.2) -> float:
+                    runs: int = 10, fold_bn: bool = True, min_s: float = 0.2, stats: dict[str, Any] | None = None) -> float:
     """Median wall time in ms of one forward pass at batch `batch` on `device` (after warm-up).
 
     With `fold_bn` (default) the timed model is :func:`vcc.core.inference.inference_form`'s copy
@@ -128,7 +128,7 @@ def measure_latency(model: nn.Module, meta: ModelMeta, device: str | torch.devic
     too few to outlast a neighbour's burst.
     """
     return paired_latency([(model, meta)], device=device, batch=batch, warmup=warmup, runs=runs, rounds=1, min_s=min_s,
-                          fold_bn=fold_bn)[0]
+                          fold_bn=fold_bn, stats=stats)[0]
 
 
 def evaluate(
@@ -150,7 +150,8 @@ def evaluate(
 
     Keys: clip_top1, clip_top5, video_top1, video_top5, videos, clips, latency_ms (batch 1,
     median; None with ``latency_runs=0``, for callers that only want accuracy), latency_threads
-    (the CPU threads it was timed on; None on a GPU), clips_per_s (model forward throughput at `batch_size`), end_to_end_clips_per_s
+    (the CPU threads it was timed on; None on a GPU), latency_busy_cores (the cores other
+    processes kept busy meanwhile), clips_per_s (model forward throughput at `batch_size`), end_to_end_clips_per_s
     (including decoding), per_class ({class: video accuracy}), confusion (video level,
     rows = true class), classes, videos_in_split and load_failures (a video that cannot be read
     is left out of the accuracies: ``videos`` < ``videos_in_split``).
@@ -182,13 +183,15 @@ def evaluate(
     for c, name in enumerate(info.classes):
         mask = vl == c
         per_class[name] = int((vpred[mask] == c).sum()) / int(mask.sum()) if mask.any() else None
-    latency = measure_latency(model, meta, dev, batch=1, warmup=3, runs=latency_runs) if latency_runs > 0 else None
+    lat_stats: dict[str, Any] = {}
+    latency = measure_latency(model, meta, dev, batch=1, warmup=3, runs=latency_runs, stats=lat_stats) if latency_runs > 0 else None
     return {
         **{k: acc[k] for k in ("clip_top1", "clip_top5", "video_top1", "video_top5")},
         "videos": int(len(vl)),
         "clips": int(len(labels)),
         "latency_ms": None if latency is None else round(latency, 3),
         "latency_threads": torch.get_num_threads() if latency is not None and dev.type == "cpu" else None,
+        "latency_busy_cores": lat_stats.get("busy_cores"),
         "clips_per_s": round(len(labels) / max(1e-9, timing["model_s"]), 2),
         "end_to_end_clips_per_s": round(len(labels) / max(1e-9, timing["total_s"]), 2),
         "split": split,
@@ -233,12 +236,17 @@ def summarise_model(
 
 
 def paired_latency(models: Sequence[tuple[nn.Module, ModelMeta]], *, device: str | torch.device = "cpu", batch: int = 1,
-                   warmup: int = 2, runs: int = 10, rounds: int = 5, min_s: float = 0.2, fold_bn: bool = True) -> list[float]:
+                   warmup: int = 2, runs: int = 10, rounds: int = 5, min_s: float = 0.2, fold_bn: bool = True,
+                   stats: dict[str, Any] | None = None) -> list[float]:
     """Latency in ms at batch `batch` of each (model, meta), timed side by side (as
     :func:`measure_latency` times one): `rounds` interleaved rounds of about `runs` / `rounds`
     forwards (at least `min_s` / `rounds` seconds) each, the median of the rounds' medians.
     Timed one after the other, two copies of one model could read 0.8 and 1.2 ms on a busy
-    machine; interleaved, a burst of noise falls on both. Each model's train/eval mode is kept."""
+    machine; interleaved, a burst of noise falls on both. Each model's train/eval mode is kept.
+    `stats`, if given, receives ``busy_cores``: the cores other processes kept busy meanwhile
+    (:class:`vcc.core.sysinfo.CpuContention`; None where unknown)."""
+    from vcc.core.sysinfo import CpuContention
+
     device = resolve_device(device)
     modes = [model.training for model, _ in models]
     forms, inputs = [], []
@@ -249,9 +257,12 @@ def paired_latency(models: Sequence[tuple[nn.Module, ModelMeta]], *, device: str
         inputs.append(x)
     per_round = max(1, -(-runs // rounds))
     times: list[list[float]] = [[] for _ in forms]
-    for _ in range(rounds):
-        for i, (fn, x) in enumerate(zip(forms, inputs, strict=True)):
-            times[i].append(median_ms(fn, x, warmup=warmup, runs=per_round, min_s=min_s / rounds))
+    with CpuContention() as contention:
+        for _ in range(rounds):
+            for i, (fn, x) in enumerate(zip(forms, inputs, strict=True)):
+                times[i].append(median_ms(fn, x, warmup=warmup, runs=per_round, min_s=min_s / rounds))
+    if stats is not None:
+        stats["busy_cores"] = contention.others if device.type == "cpu" else None
     for (model, _), training in zip(models, modes, strict=True):
         model.train(training)
     return [float(statistics.median(t)) for t in times]
@@ -260,7 +271,9 @@ def paired_latency(models: Sequence[tuple[nn.Module, ModelMeta]], *, device: str
 def add_paired_latency(rows: Sequence[tuple[dict[str, Any], nn.Module, ModelMeta]], runs: int = 10) -> None:
     """Set ``latency_ms`` and ``latency_threads`` of each summary row (:func:`summarise_model`)
     from :func:`paired_latency` of its model: before/after rows whose ratio means something."""
-    ms = paired_latency([(m, meta) for _, m, meta in rows], runs=runs)
+    stats: dict[str, Any] = {}
+    ms = paired_latency([(m, meta) for _, m, meta in rows], runs=runs, stats=stats)
     for (doc, _, _), v in zip(rows, ms, strict=True):
         doc["latency_ms"] = round(v, 3)
         doc["latency_threads"] = torch.get_num_threads()
+        doc["latency_busy_cores"] = stats.get("busy_cores")

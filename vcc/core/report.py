@@ -66,6 +66,31 @@ def latency_label(threads: int | None, stat: str = "", device: str = "") -> str:
     return f"{device + ' ' if device else ''}latency ms ({', '.join(parts)})"
 
 
+def busy_note(doc: Any) -> str | None:
+    """A warning when other processes kept CPU cores busy while a result's latencies were timed
+    (the largest ``latency_busy_cores`` anywhere in `doc` above :data:`vcc.core.sysinfo.BUSY_CORES`)."""
+    from vcc.core.sysinfo import BUSY_CORES, usable_cores
+
+    found: list[float] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            v = x.get("latency_busy_cores")
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                found.append(float(v))
+            for item in x.values():
+                walk(item)
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                walk(item)
+
+    walk(doc)
+    if not found or max(found) <= BUSY_CORES:
+        return None
+    return (f"other processes kept {max(found):.1f} of {usable_cores()} CPU cores busy while the latencies were timed: "
+            "they are not the model's alone; time again on a quiet machine")
+
+
 def human_count(n: float, unit: str = "") -> str:
     """1234567 -> '1.23 M'; used for MACs and parameter counts."""
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):

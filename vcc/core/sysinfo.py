@@ -43,3 +43,58 @@ def set_cpu_threads(n: int) -> None:
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
 
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _system_busy_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat; steal time counts:
+    a VM's host took those cycles). None where unknown."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not first or first[0] != "cpu" or len(first) < 8:
+        return None
+    v = [int(x) for x in first[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user already)
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / float(ticks)
+
+
+class CpuContention:
+    """Measures how many cores' worth of CPU *other* processes used while a block ran.
+
+    ``with CpuContention() as c: ...`` then ``c.others`` (cores, e.g. 1.3; None where the system's
+    counters cannot be read). A latency timed while others kept a core busy on a 2-core machine
+    is not the model's.
+    """
+
+    def __init__(self) -> None:
+        self.others: float | None = None
+
+    def __enter__(self) -> CpuContention:
+        import time
+
+        self._t, self._own, self._busy = time.perf_counter(), time.process_time(), _system_busy_s()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        import time
+
+        busy = _system_busy_s()
+        wall = time.perf_counter() - self._t
+        if busy is None or self._busy is None or wall <= 0:
+            return
+        own = time.process_time() - self._own
+        self.others = round(max(0.0, (busy - self._busy - own) / wall), 2)
+
+
+# others' cores above which a latency is flagged as taken on a busy machine
+BUSY_CORES = 0.5
