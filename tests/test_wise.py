@@ -230,6 +230,12 @@ def test_vcc_wise_saves_a_model_that_runs_its_weights(session_ws, tiny_synthetic
     assert has_combine(wmeta) and not has_combine(pmeta)
     assert torch.allclose(wise_model.combine, beta, atol=1e-6)
     assert not torch.allclose(beta, vanilla_weights(4))  # fitted, so running it is not the plain exits
+    x = torch.randn(1, *wmeta.input_shape)
+    exits_out = wise_model.forward_exits(x)
+    for thr, k in ((0.0, 0), (1.1, 3)):  # leaves at the first exit, runs to the last: both WISE-weighted
+        out, index = wise_model.forward_early(x, thr)
+        assert index == k
+        assert torch.allclose(out, combine(torch.stack(exits_out), beta)[k], atol=1e-5)
     for key, value in plain.state_dict().items():  # the exits themselves are untouched
         assert torch.equal(wise_model.state_dict()[key], value)
     raw = [r["macs"] for r in exit_macs(plain, pmeta)]

@@ -171,7 +171,7 @@ class MultiExit(nn.Module):
         self._threshold, self._combine = float(threshold), self.combine if combine is None else combine
         try:
             final = self.backbone(x)
-            out = _combined([*self._buf, final], combine)
+            out = _combined([*self._buf, final], self._combine)
             return out, len(self.heads)
         except _Stop as stop:
             return stop.logits, stop.index
