@@ -190,8 +190,7 @@ def evaluate(
         "videos": int(len(vl)),
         "clips": int(len(labels)),
         "latency_ms": None if latency is None else round(latency, 3),
-        "latency_threads": torch.get_num_threads() if latency is not None and dev.type == "cpu" else None,
-        "latency_busy_cores": lat_stats.get("busy_cores"),
+        **latency_context(dev, lat_stats.get("busy_cores"), timed=latency is not None),
         "clips_per_s": round(len(labels) / max(1e-9, timing["model_s"]), 2),
         "end_to_end_clips_per_s": round(len(labels) / max(1e-9, timing["total_s"]), 2),
         "split": split,
@@ -235,6 +234,15 @@ def summarise_model(
     return doc
 
 
+def latency_context(device: torch.device, busy_cores: float | None, timed: bool = True) -> dict[str, Any]:
+    """What a latency was timed on, as every result document records it: the CPU threads
+    (``latency_threads``) and the cores other processes kept busy (``latency_busy_cores``);
+    both None off the CPU or when nothing was `timed`."""
+    cpu = timed and torch.device(device).type == "cpu"
+    return {"latency_threads": torch.get_num_threads() if cpu else None,
+            "latency_busy_cores": busy_cores if cpu else None}
+
+
 def paired_latency(models: Sequence[tuple[nn.Module, ModelMeta]], *, device: str | torch.device = "cpu", batch: int = 1,
                    warmup: int = 2, runs: int = 10, rounds: int = 5, min_s: float = 0.2, fold_bn: bool = True,
                    stats: dict[str, Any] | None = None) -> list[float]:
@@ -262,18 +270,17 @@ def paired_latency(models: Sequence[tuple[nn.Module, ModelMeta]], *, device: str
             for i, (fn, x) in enumerate(zip(forms, inputs, strict=True)):
                 times[i].append(median_ms(fn, x, warmup=warmup, runs=per_round, min_s=min_s / rounds))
     if stats is not None:
-        stats["busy_cores"] = contention.others if device.type == "cpu" else None
+        stats["busy_cores"] = contention.others
     for (model, _), training in zip(models, modes, strict=True):
         model.train(training)
     return [float(statistics.median(t)) for t in times]
 
 
 def add_paired_latency(rows: Sequence[tuple[dict[str, Any], nn.Module, ModelMeta]], runs: int = 10) -> None:
-    """Set ``latency_ms`` and ``latency_threads`` of each summary row (:func:`summarise_model`)
+    """Set ``latency_ms`` and :func:`latency_context`'s keys of each summary row (:func:`summarise_model`)
     from :func:`paired_latency` of its model: before/after rows whose ratio means something."""
     stats: dict[str, Any] = {}
     ms = paired_latency([(m, meta) for _, m, meta in rows], runs=runs, stats=stats)
     for (doc, _, _), v in zip(rows, ms, strict=True):
         doc["latency_ms"] = round(v, 3)
-        doc["latency_threads"] = torch.get_num_threads()
-        doc["latency_busy_cores"] = stats.get("busy_cores")
+        doc.update(latency_context(torch.device("cpu"), stats.get("busy_cores")))

@@ -685,6 +685,7 @@ def evaluate_early_exit(
     times: list[float] = []
     clip_correct = 0
     cuda = dev.type == "cuda"
+    from vcc.core.evaluate import latency_context
     from vcc.core.sysinfo import CpuContention
 
     with CpuContention() as contention:  # timed on a busy machine? (noted, not hidden)
@@ -716,8 +717,7 @@ def evaluate_early_exit(
         "clip_accuracy": clip_correct / len(exit_idx),
         "latency_ms": float(times_t.median()),
         "latency_mean_ms": float(times_t.mean()),
-        "latency_threads": torch.get_num_threads() if dev.type == "cpu" else None,
-        "latency_busy_cores": contention.others if dev.type == "cpu" else None,
+        **latency_context(dev, contention.others),
         "macs": average_macs(exit_idx, cum),
         "macs_full": int(cum[-1]),
         "ensemble": combine is not None,
