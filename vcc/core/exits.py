@@ -350,12 +350,30 @@ def head_macs(in_features: int, num_classes: int) -> int:
     return int(in_features) * int(num_classes)
 
 
-def exit_macs(model: nn.Module, meta: ModelMeta) -> list[dict[str, Any]]:
+def ensemble_macs(cum_macs: Sequence[float], num_classes: int, ensemble: bool) -> list[float]:
+    """Cumulative MACs per exit, plus the ensembles' weighted sums (k*C at exit k) when `ensemble`."""
+    out, extra = [], 0
+    for k, m in enumerate(cum_macs):
+        if ensemble:
+            extra += (k + 1) * num_classes
+        out.append(float(m) + extra)
+    return out
+
+
+def exit_macs(model: nn.Module, meta: ModelMeta, ensemble: bool | None = None) -> list[dict[str, Any]]:
     """Cumulative MACs per exit for one clip: backbone up to the stage + heads 1..k (+ this head).
 
     The last exit (the backbone's classifier) is charged the whole backbone and every IC head.
+    With `ensemble` (default: when the model carries its own weights, a `vcc wise` model) each
+    exit also pays the weighted sums of the exits it ran (:func:`ensemble_macs`).
     """
-    return exit_macs_and_backbone(model, meta)[0]
+    rows = exit_macs_and_backbone(model, meta)[0]
+    if ensemble is None:
+        ensemble = getattr(model, "combine", None) is not None
+    if not ensemble:
+        return rows
+    charged = ensemble_macs([r["macs"] for r in rows], int(meta.num_classes), ensemble=True)
+    return [{**r, "macs": int(m)} for r, m in zip(rows, charged, strict=True)]
 
 
 def exit_macs_and_backbone(model: nn.Module, meta: ModelMeta) -> tuple[list[dict[str, Any]], int]:
@@ -666,17 +684,13 @@ def evaluate_early_exit(
     model = model.to(dev).eval()
     if combine is None:
         combine = model.combine  # a `vcc wise` model's own ensemble weights, if any
-    table = exit_macs(model, meta)
+    table = exit_macs(model, meta, ensemble=combine is not None)  # the ensembles' weighted sums are work too
     if dev.type == "cpu":  # timed in the form `vcc eval` times plain models in (vcc.core.inference)
         from vcc.core.inference import fold_batchnorm, select_cpu_kernels
 
         model = fold_batchnorm(model)
         select_cpu_kernels(model, _probe_input(meta))
     cum = [r["macs"] for r in table]
-    if combine is not None:  # the ensembles' weighted sums are work too
-        from vcc.core.wise import ensemble_macs
-
-        cum = ensemble_macs(cum, meta.num_classes, ensemble=True)
     loader = make_loader(info, split, train=False, frames=meta.frames, size=meta.size, batch_size=1, clips=clips)
     n_total = len(loader.dataset) if hasattr(loader, "dataset") else None
     probs: dict[int, torch.Tensor] = {}

@@ -368,10 +368,4 @@ def exit_macs_for(target: MacsTarget, frames: int, size: int) -> list[dict[str, 
     if not is_multi_exit(target.meta):
         return None
     meta = target.meta.child(input={**target.meta.input, "frames": int(frames), "size": int(size)})
-    rows = exit_macs(target.model, meta)
-    if getattr(target.model, "combine", None) is not None:  # a WISE model: each exit also pays its weighted sum
-        from vcc.core.wise import ensemble_macs
-
-        cum = ensemble_macs([r["macs"] for r in rows], int(meta.num_classes), ensemble=True)
-        rows = [{**r, "macs": int(m)} for r, m in zip(rows, cum, strict=True)]
-    return rows
+    return exit_macs(target.model, meta)  # a WISE model's rows charge its weighted sums

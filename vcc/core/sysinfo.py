@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 
@@ -80,14 +81,10 @@ class CpuContention:
         self.others: float | None = None
 
     def __enter__(self) -> CpuContention:
-        import time
-
         self._t, self._own, self._busy = time.perf_counter(), time.process_time(), _system_busy_s()
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        import time
-
         busy = _system_busy_s()
         wall = time.perf_counter() - self._t
         if busy is None or self._busy is None or wall <= 0:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vcc.core.errors import UsageError, VccError
+from vcc.core.exits import ensemble_macs  # noqa: F401 - re-exported: the sweeps charge it
 from vcc.core.progress import ProgressFn
 
 METHODS = ("wise", "vanilla", "constant")
@@ -137,16 +138,6 @@ def exact_thresholds(outputs: torch.Tensor) -> list[float]:
     """
     conf = F.softmax(outputs[:-1].float(), dim=-1).amax(-1)
     return [0.0, *torch.unique(conf).tolist()]
-
-
-def ensemble_macs(cum_macs: Sequence[float], num_classes: int, ensemble: bool) -> list[float]:
-    """Cumulative MACs per exit, plus the ensembles' weighted sums (k*C at exit k) when `ensemble`."""
-    out, extra = [], 0
-    for k, m in enumerate(cum_macs):
-        if ensemble:
-            extra += (k + 1) * num_classes
-        out.append(float(m) + extra)
-    return out
 
 
 def sweep(outputs: torch.Tensor, labels: torch.Tensor, cum_macs: Sequence[float], thresholds: Sequence[float]) -> list[dict[str, Any]]:

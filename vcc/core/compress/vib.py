@@ -687,9 +687,10 @@ def prune_vib(
         comp = summ["compression"]
         return {"compression": round(comp, 3) if comp is not None else None, **short}
 
-    before = None
+    before = original = None
     if summaries:  # the model as loaded (the one above now carries the new gates), once the options are known good
-        before = summarise_model(*load_model(model_path, device="cpu"), data, clips=eval_clips, latency_runs=0, progress=progress)
+        original = load_model(model_path, device="cpu")
+        before = summarise_model(*original, data, clips=eval_clips, latency_runs=0, progress=progress)
     res = fit(model, meta, data, cfg, run_dir, criterion=criterion, param_groups=groups, epoch_hook=epoch_hook, progress=progress)
     last = Path(getattr(res, "last_path", None) or res.model_path)
     final, fmeta = load_model(last, device="cpu")
@@ -698,7 +699,7 @@ def prune_vib(
     after = None
     if summaries:
         after = summarise_model(dense, dense_meta, data, clips=eval_clips, latency_runs=0, progress=progress)
-        add_paired_latency([(before, *load_model(model_path, device="cpu")), (after, dense, dense_meta)], runs=latency_runs)
+        add_paired_latency([(before, *original), (after, dense, dense_meta)], runs=latency_runs)
     set_gates(final, hard=True)
     for w in fmeta.wrappers:
         if w.get("name") == "vib":
